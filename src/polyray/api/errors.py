@@ -1,0 +1,84 @@
+"""The one error→status table (DESIGN.md) and the OpenAI-shaped error body."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polyray.errors import ErrorKind, PolyrayError
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_KIND: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.RATE_LIMITED: 429,
+    ErrorKind.OVERLOADED: 503,
+    ErrorKind.BACKEND_ERROR: 500,
+}
+_KIND_BY_STATUS = {
+    400: ErrorKind.INVALID_REQUEST,
+    404: ErrorKind.NOT_FOUND,
+    405: ErrorKind.INVALID_REQUEST,
+    413: ErrorKind.TOO_LARGE,
+    422: ErrorKind.INVALID_REQUEST,
+}
+
+
+def error_response(
+    kind: ErrorKind,
+    message: str,
+    *,
+    status: int | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after_s: float | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": kind.value, "code": code or kind.value, "param": param}}
+    headers = {}
+    if retry_after_s is not None or kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
+    return Response(
+        orjson.dumps(body), status_code=status or STATUS_BY_KIND[kind], headers=headers, media_type="application/json"
+    )
+
+
+def polyray_error_response(exc: PolyrayError) -> Response:
+    return error_response(exc.kind, exc.message, param=exc.param, code=exc.code, retry_after_s=exc.retry_after_s)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_polyray_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, PolyrayError)
+        return polyray_error_response(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        return error_response(
+            ErrorKind.INVALID_REQUEST, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param or None
+        )
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = _KIND_BY_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
+        return error_response(kind, str(exc.detail), status=exc.status_code)
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(ErrorKind.BACKEND_ERROR, "internal error; it has been logged")
+
+    app.add_exception_handler(PolyrayError, on_polyray_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,1 @@
+"""Backends turn token batches into vectors. They know nothing of clients, caches or HTTP."""

@@ -1,0 +1,129 @@
+"""``polyray serve | embed | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from polyray.config import ConfigError, Settings, load_settings
+from polyray.errors import ModelLoadError, PolyrayError
+
+log = logging.getLogger("polyray")
+
+
+def _load(config: str | None) -> Settings:
+    settings = load_settings(config)
+    from polyray.backends.factory import check_model
+
+    for model in settings.models:
+        check_model(model)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from polyray.api.app import create_app
+    from polyray.engine.build import build_engine
+    from polyray.observability.metrics import Metrics
+
+    settings = _load(args.config)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    metrics = Metrics()
+    engine = build_engine(settings, observer=metrics)  # loads weights: a broken model fails here
+    app = create_app(engine, settings, metrics)
+    log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from polyray.engine.build import build_engine
+    from polyray.types import EmbedRequest
+
+    settings = _load(args.config)
+    engine = build_engine(settings)
+
+    async def run() -> dict[str, object]:
+        await engine.start(warmup=False)
+        try:
+            result = await engine.embed(EmbedRequest(args.model, tuple(args.texts)))
+        finally:
+            await engine.stop()
+        return {
+            "model": str(result.model),
+            "embeddings": result.vectors.tolist(),
+            "usage": {"prompt_tokens": result.usage.num_tokens, "inference_ms": round(result.usage.inference_ms, 3)},
+            "truncated_inputs": list(result.truncated),
+        }
+
+    sys.stdout.buffer.write(orjson.dumps(asyncio.run(run())) + b"\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from polyray.benchmarks.serve_bench import BenchOptions, run_bench
+
+    report = run_bench(
+        BenchOptions(
+            num_sentences=args.sentences,
+            concurrency=args.concurrency,
+            threads=args.threads,
+            rounds=args.rounds,
+            config=args.config,
+            json_out=args.json,
+        )
+    )
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polyray", description="Serve a universal embedding model to many clients.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (embedded defaults: the packaged MiniLM on 127.0.0.1:8000)")
+    serve.add_argument("--config", help="TOML config file (see polyray.config)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    embed = sub.add_parser("embed", help="embed texts in process and print JSON")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--model", default="minilm")
+    embed.add_argument("--config")
+    embed.set_defaults(func=cmd_embed)
+
+    bench = sub.add_parser("bench", help="HTTP throughput and latency against in-process sentence-transformers")
+    bench.add_argument("--sentences", type=int, default=2000)
+    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: all cores)")
+    bench.add_argument("--rounds", type=int, default=2, help="interleaved rounds of each side")
+    bench.add_argument("--config", help="server config (its model list is replaced by the packaged model)")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"polyray: {exc}", file=sys.stderr)
+        return 2
+    except PolyrayError as exc:
+        print(f"polyray: {exc.kind.value}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

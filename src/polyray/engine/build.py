@@ -1,0 +1,15 @@
+"""Wire an engine from settings: one backend per configured model version."""
+
+from __future__ import annotations
+
+from polyray.backends.base import Backend
+from polyray.backends.factory import build_backend
+from polyray.config import Settings
+from polyray.engine.engine import Engine
+from polyray.engine.observer import EngineObserver
+from polyray.types import ModelRef
+
+
+def build_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:
+    backends: dict[ModelRef, Backend] = {ModelRef(m.name, m.version): build_backend(m) for m in settings.models}
+    return Engine(backends, settings.batching, settings.server, observer)

@@ -1,0 +1,22 @@
+"""``EngineClient``: all the API layer knows of the engine. ``Engine`` implements it in process;
+the Ray Serve cluster client will be a second implementation."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from polyray.engine.engine import ModelInfo
+from polyray.types import EmbedRequest, EmbedResult
+
+
+class EngineClient(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self, warmup: bool = True) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult: ...
+
+    def models(self) -> list[ModelInfo]: ...

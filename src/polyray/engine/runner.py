@@ -1,0 +1,199 @@
+"""One model version's loop: form a batch, run it on the worker thread, hand results back.
+
+The loop is the queue's only consumer. Each turn it drops entries whose caller left or whose
+deadline passed (before they cost compute), asks the pure ``form_batch`` for the next batch, and
+runs it on a dedicated worker thread so the event loop never blocks on the model. While one batch
+computes, a *full* next batch is formed and held, so the worker starts it the moment it is free; a
+partial batch instead keeps absorbing arrivals until the worker frees up.
+
+If a batch raises, its entries are retried one by one on the worker: only the entries that fail
+alone get ``BackendError``, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from polyray.backends.base import Backend
+from polyray.engine.batcher import BatchPolicy, form_batch
+from polyray.engine.observer import EngineObserver
+from polyray.engine.queue import Entry, EntryQueue, EntryResult
+from polyray.errors import BackendError, DeadlineExceeded, Overloaded
+from polyray.types import ModelRef
+
+log = logging.getLogger(__name__)
+
+RowOutcome = np.ndarray | BaseException
+
+
+def compute_rows(backend: Backend, batch: Sequence[Sequence[int]]) -> list[RowOutcome]:
+    """Encode ``batch``; on failure retry each row alone so one bad row fails only itself."""
+    try:
+        vectors = backend.encode(batch)
+        if vectors.shape != (len(batch), backend.dim):
+            raise BackendError(f"backend returned shape {vectors.shape}, expected {(len(batch), backend.dim)}")
+        return list(vectors)
+    except Exception as exc:  # noqa: BLE001 - any backend failure is contained to its batch
+        if len(batch) == 1:
+            return [exc]
+        log.warning("batch of %d failed (%s); retrying its entries alone", len(batch), exc)
+        return [compute_rows(backend, [row])[0] for row in batch]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        ref: ModelRef,
+        backend: Backend,
+        policy: BatchPolicy,
+        max_queue_entries: int,
+        observer: EngineObserver,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ref = ref
+        self.backend = backend
+        self.policy = policy
+        self.queue = EntryQueue(max_queue_entries)
+        self.observer = observer
+        self.clock = clock
+        self.ready = False
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"polyray-{ref.name}-{ref.version}")
+        self._task: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[list[RowOutcome]] | None = None
+        self._next_batch_id = 0
+
+    async def start(self, warmup_texts: Sequence[str] = ()) -> None:
+        """Warm the model up (first calls allocate and pick kernels), then start the loop."""
+        loop = asyncio.get_running_loop()
+        for text in warmup_texts:
+            ids = [t.ids for t in self.backend.tokenize([text])]
+            await loop.run_in_executor(self._worker, compute_rows, self.backend, ids * 4)
+        self._task = asyncio.create_task(self._loop(), name=f"runner-{self.ref}")
+        self.ready = True
+
+    def submit(self, entries: list[Entry]) -> None:
+        if self._closing:
+            raise Overloaded("the server is shutting down", code="shutting_down", retry_after_s=5.0)
+        self.queue.push(entries)
+        self.observer.on_queue_depth(self.ref, len(self.queue))
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish what was accepted, then release the worker."""
+        self._closing = True
+        self.ready = False
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._worker.shutdown(wait=True)
+
+    def _drop_dead(self) -> None:
+        cancelled, expired = self.queue.remove_dead(self.clock())
+        for entry in expired:
+            entry.future.set_exception(DeadlineExceeded())
+        if cancelled:
+            self.observer.on_dropped(self.ref, "cancelled", len(cancelled))
+        if expired:
+            self.observer.on_dropped(self.ref, "deadline", len(expired))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead()
+            if self._running is not None and self._running.done():
+                self._running = None
+            if self._closing and not len(self.queue):
+                break
+            now_s = self.clock()
+            decision = form_batch(self.queue.candidates(), self.policy, now_s)
+            busy = self._running is not None
+            # While the worker is busy, hold only a full batch; a partial one keeps growing.
+            take = decision.full if busy else (decision.ready or (self._closing and bool(decision.indices)))
+            if not take:
+                timeout = None if busy or not decision.indices else max(0.0, decision.ready_at_s - now_s)
+                await self._wait(timeout)
+                continue
+            batch = self.queue.take(decision.indices)
+            self.observer.on_queue_depth(self.ref, len(self.queue))
+            if self._running is not None:
+                await asyncio.wait([self._running])
+                self._running = None
+                batch = self._live(batch)
+                if not batch:
+                    continue
+            started_s = self.clock()
+            batch_id = self._next_batch_id
+            self._next_batch_id += 1
+            running = loop.run_in_executor(self._worker, self._timed_compute, [e.ids for e in batch])
+            running.add_done_callback(functools.partial(self._deliver, batch, started_s, batch_id))
+            self._running = running  # type: ignore[assignment]
+        if self._running is not None:
+            await asyncio.wait([self._running])
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        """Sleep until an arrival, the running batch finishing, or ``timeout_s``."""
+        self._wake.clear()
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._wake.wait())]
+        if self._running is not None:
+            waiters.append(self._running)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiters[0].cancel()
+
+    def _live(self, batch: list[Entry]) -> list[Entry]:
+        """Entries of a held batch that are still wanted once the worker is free."""
+        now_s = self.clock()
+        live, num_cancelled, num_expired = [], 0, 0
+        for entry in batch:
+            if entry.future.done():
+                num_cancelled += 1
+            elif entry.deadline_s <= now_s:
+                entry.future.set_exception(DeadlineExceeded())
+                num_expired += 1
+            else:
+                live.append(entry)
+        if num_cancelled:
+            self.observer.on_dropped(self.ref, "cancelled", num_cancelled)
+        if num_expired:
+            self.observer.on_dropped(self.ref, "deadline", num_expired)
+        return live
+
+    def _timed_compute(self, batch: list[tuple[int, ...]]) -> tuple[list[RowOutcome], float]:
+        started = time.perf_counter()
+        rows = compute_rows(self.backend, batch)
+        return rows, time.perf_counter() - started
+
+    def _deliver(self, batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
+        self._wake.set()
+        if fut.cancelled():  # only at interpreter shutdown
+            return
+        exc = fut.exception()
+        if exc is not None:  # compute_rows contains backend errors; this is a bug, fail loudly per entry
+            rows: list[RowOutcome] = [exc] * len(batch)
+            compute_s = 0.0
+        else:
+            rows, compute_s = fut.result()
+        inference_ms = compute_s * 1000.0
+        queue_ms = [(started_s - e.enqueued_s) * 1000.0 for e in batch]
+        num_abandoned = 0
+        for entry, row, waited_ms in zip(batch, rows, queue_ms, strict=True):
+            if entry.future.done():
+                num_abandoned += 1  # the caller left while its batch computed
+            elif isinstance(row, BaseException):
+                entry.future.set_exception(BackendError(f"the model failed on this input: {row}"))
+            else:
+                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id))
+        if num_abandoned:
+            self.observer.on_dropped(self.ref, "abandoned_after_compute", num_abandoned)
+        lengths = [e.num_tokens for e in batch]
+        self.observer.on_batch(self.ref, len(batch), max(lengths) * len(batch), sum(lengths), queue_ms, inference_ms)

@@ -1,0 +1,78 @@
+"""The exception tree every layer raises; the HTTP layer maps ``ErrorKind`` to a status once.
+
+    PolyrayError                 (kind)
+    ├── InvalidRequest           invalid_request   400
+    ├── TooLarge                 too_large         413
+    ├── NotFound                 not_found         404
+    ├── Overloaded               overloaded        503 + Retry-After
+    │   └── DeadlineExceeded     the request's deadline passed before compute
+    ├── BackendError             backend_error     500
+    └── ModelLoadError           (start-up only: a model directory is missing or broken)
+
+Engine code raises these and never an HTTP status, so the same errors serve the CLI, the
+in-process client and, later, the Ray client.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    TOO_LARGE = "too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
+    BACKEND_ERROR = "backend_error"
+
+
+class PolyrayError(Exception):
+    """Base of all polyray errors; ``param`` names the offending field when there is one."""
+
+    kind: ErrorKind = ErrorKind.BACKEND_ERROR
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(PolyrayError):
+    kind = ErrorKind.INVALID_REQUEST
+
+
+class TooLarge(PolyrayError):
+    kind = ErrorKind.TOO_LARGE
+
+
+class NotFound(PolyrayError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class Overloaded(PolyrayError):
+    kind = ErrorKind.OVERLOADED
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = "overloaded") -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
+
+
+class DeadlineExceeded(Overloaded):
+    def __init__(self, message: str = "the request's deadline passed before it could be computed") -> None:
+        super().__init__(message, retry_after_s=1.0, code="deadline_exceeded")
+
+
+class BackendError(PolyrayError):
+    kind = ErrorKind.BACKEND_ERROR
+
+
+class ModelLoadError(PolyrayError):
+    """A configured model cannot be loaded; raised at start so a broken path never serves."""
+
+    kind = ErrorKind.NOT_FOUND

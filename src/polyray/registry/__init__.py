@@ -1,0 +1,1 @@
+"""Model specs, versions and where their files live."""
