@@ -52,6 +52,7 @@ def test_overrides(tmp_path: Path) -> None:
         """
 [server]
 port = 9000
+max_items = 4
 max_queue_items = 10
 request_timeout_s = 1.5
 truncate = false
@@ -74,7 +75,7 @@ threads = 3
 """,
     )
     settings = load_settings(str(path))
-    assert settings.server == ServerConfig(port=9000, max_queue_items=10, request_timeout_s=1.5, truncate=False)
+    assert settings.server == ServerConfig(port=9000, max_items=4, max_queue_items=10, request_timeout_s=1.5, truncate=False)
     assert settings.batching == BatchPolicy(budget_tokens=512, max_wait_ms=0.5)
     assert settings.models == (
         ModelConfig(name="minilm", version="2", backend="dummy", dim=8),
@@ -165,3 +166,9 @@ def test_wrong_typed_value_is_rejected(tmp_path: Path) -> None:
     # max_queue_items = "10" loads as the string "10"; EntryQueue.push then raises TypeError on the first request.
     with pytest.raises(ConfigError, match="max_queue_items"):
         load_settings(write(tmp_path, '[server]\nmax_queue_items = "10"\n'))
+
+
+def test_request_larger_than_the_queue_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nmax_items = 100\nmax_queue_items = 10\n")
+    with pytest.raises(ConfigError, match="max_items must not exceed max_queue_items"):
+        load_settings(str(path))
