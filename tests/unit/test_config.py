@@ -75,7 +75,9 @@ threads = 3
 """,
     )
     settings = load_settings(str(path))
-    assert settings.server == ServerConfig(port=9000, max_items=4, max_queue_items=10, request_timeout_s=1.5, truncate=False)
+    assert settings.server == ServerConfig(
+        port=9000, max_items=4, max_queue_items=10, request_timeout_s=1.5, truncate=False
+    )
     assert settings.batching == BatchPolicy(budget_tokens=512, max_wait_ms=0.5)
     assert settings.models == (
         ModelConfig(name="minilm", version="2", backend="dummy", dim=8),

@@ -42,7 +42,7 @@ class TorchBackend:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
-        except Exception as exc:  # noqa: BLE001 - any failure to load (corrupt weights, bad config) stops start-up
+        except Exception as exc:  # any failure to load (corrupt weights, bad config) stops start-up
             raise ModelLoadError(f"cannot load the model in {path}: {exc}") from exc
         replace_linears(self.model)
         if execution == "packed" and not supports(self.model):

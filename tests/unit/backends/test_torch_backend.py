@@ -56,9 +56,7 @@ def test_tokenize_matches_hf_tokenizer_and_marks_truncation(backend: TorchBacken
 def test_packed_equals_padded_on_many_lengths(backend: TorchBackend) -> None:
     rng = random.Random(11)
     for size in (1, 2, 5, 17, 40):
-        batch = [
-            (101, *(rng.randrange(1000, 30000) for _ in range(rng.randint(0, 120))), 102) for _ in range(size)
-        ]
+        batch = [(101, *(rng.randrange(1000, 30000) for _ in range(rng.randint(0, 120))), 102) for _ in range(size)]
         packed = backend.encode(batch)
         padded = backend.encode_padded(batch)
         assert packed.shape == (size, 384)
