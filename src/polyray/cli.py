@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(settings, observer=metrics)  # loads weights: a broken model fails here
     app = create_app(engine, settings, metrics)
     log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
+    # uvicorn drains on SIGTERM/SIGINT, restores the previous handlers and re-raises the signal;
+    # with these no-op handlers in place that re-raise is harmless and a drained shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
     return 0
 

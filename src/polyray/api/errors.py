@@ -42,9 +42,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     body = {"error": {"message": message, "type": kind.value, "code": code or kind.value, "param": param}}
-    headers = {}
+    headers = dict(headers or {})
     if retry_after_s is not None or kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
     return Response(
@@ -69,10 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
             ErrorKind.INVALID_REQUEST, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param or None
         )
 
-    async def on_http_error(_: Request, exc: Exception) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         kind = _KIND_BY_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
-        return error_response(kind, str(exc.detail), status=exc.status_code)
+        message = f"{exc.detail} ({request.method} {request.url.path})"
+        return error_response(kind, message, status=exc.status_code, headers=dict(exc.headers or {}))
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)

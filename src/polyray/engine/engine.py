@@ -100,7 +100,7 @@ class Engine:
     def models(self) -> list[ModelInfo]:
         return [
             ModelInfo(ref, r.backend.dim, r.backend.max_seq_tokens, r.backend.description, r.ready)
-            for ref, r in sorted(self.runners.items())
+            for ref, r in sorted(self.runners.items(), key=lambda item: (item[0].name, _version_key(item[0])))
         ]
 
     # -- the request path ----------------------------------------------------------------

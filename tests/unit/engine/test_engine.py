@@ -416,7 +416,8 @@ async def test_name_and_version_resolution(make_engine: EngineFactory) -> None:
     latest = await engine.embed(EmbedRequest("minilm", ("hi",)))
     assert latest.vectors.shape == (1, 12)
     infos = engine.models()
-    assert [i.ref for i in infos] == sorted(backends)
+    # Listed by name, then version in resolution order, so the newest (the alias target) is last.
+    assert [i.ref for i in infos] == [refs["beta"], refs["1"], refs["2"], refs["10"], ModelRef("other", "1")]
     assert all(i.ready for i in infos)
     assert {i.ref: i.dim for i in infos}[refs["beta"]] == 6
 
