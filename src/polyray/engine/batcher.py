@@ -104,8 +104,16 @@ def plan_groups(lengths: Sequence[int], policy: BatchPolicy) -> list[tuple[int, 
     return groups[::-1]
 
 
-def form_batch(candidates: Sequence[Candidate], policy: BatchPolicy, now_s: float) -> BatchDecision:
-    """Choose the next batch from ``candidates`` (oldest first); see the module docstring."""
+def form_batch(
+    candidates: Sequence[Candidate], policy: BatchPolicy, now_s: float, worker_free_since_s: float = float("-inf")
+) -> BatchDecision:
+    """Choose the next batch from ``candidates`` (oldest first); see the module docstring.
+
+    ``worker_free_since_s``: when the worker last finished a batch. The wait is counted from the
+    later of that and the oldest arrival, so the callers answered by the batch that just ended
+    get ``max_wait_ms`` to send their next request and join, instead of the queue's leftovers
+    leaving at once as a small batch (which on 2 cores also competes with the HTTP work).
+    """
     if not candidates:
         return BatchDecision((), ready=False, full=False, ready_at_s=float("inf"), cost_tokens=0)
     window = min(len(candidates), policy.window)
@@ -126,6 +134,6 @@ def form_batch(candidates: Sequence[Candidate], policy: BatchPolicy, now_s: floa
         else:
             full = len(candidates) > window
     indices = tuple(sorted(by_length[lo:hi]))
-    ready_at_s = candidates[0].enqueued_s + policy.max_wait_ms / 1000.0
+    ready_at_s = max(candidates[0].enqueued_s, worker_free_since_s) + policy.max_wait_ms / 1000.0
     ready = full or now_s >= ready_at_s
     return BatchDecision(indices, ready=ready, full=full, ready_at_s=ready_at_s, cost_tokens=longest * count)

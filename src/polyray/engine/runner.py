@@ -70,6 +70,7 @@ class ModelRunner:
         self._task: asyncio.Task[None] | None = None
         self._running: asyncio.Future[list[RowOutcome]] | None = None
         self._next_batch_id = 0
+        self._free_since_s = float("-inf")  # when the worker last finished a batch
 
     async def start(self, warmup_texts: Sequence[str] = ()) -> None:
         """Warm the model up (first calls allocate and pick kernels), then start the loop."""
@@ -114,7 +115,7 @@ class ModelRunner:
             if self._closing and not len(self.queue):
                 break
             now_s = self.clock()
-            decision = form_batch(self.queue.candidates(), self.policy, now_s)
+            decision = form_batch(self.queue.candidates(), self.policy, now_s, self._free_since_s)
             busy = self._running is not None
             # While the worker is busy, hold only a full batch; a partial one keeps growing.
             take = decision.full if busy else (decision.ready or (self._closing and bool(decision.indices)))
@@ -175,6 +176,7 @@ class ModelRunner:
 
     def _deliver(self, batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
         self._wake.set()
+        self._free_since_s = self.clock()
         if fut.cancelled():  # only at interpreter shutdown
             return
         exc = fut.exception()

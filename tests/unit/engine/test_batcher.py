@@ -337,3 +337,14 @@ def test_plan_groups_of_nothing() -> None:
 def test_padded_cost() -> None:
     assert padded_cost([]) == 0
     assert padded_cost([3, 7, 5]) == 21
+
+
+def test_wait_counts_from_when_the_worker_became_free() -> None:
+    policy = BatchPolicy(max_wait_ms=2.0)
+    waiting = [Candidate(10, enqueued_s=0.0)]
+    # The entry has waited long, but the worker finished a batch at t=1.0: its callers get 2 ms to rejoin.
+    held = form_batch(waiting, policy, now_s=1.001, worker_free_since_s=1.0)
+    assert not held.ready and held.ready_at_s == pytest.approx(1.002)
+    assert form_batch(waiting, policy, now_s=1.002, worker_free_since_s=1.0).ready
+    # A worker idle for long adds no wait.
+    assert form_batch(waiting, policy, now_s=0.002, worker_free_since_s=-1.0).ready
