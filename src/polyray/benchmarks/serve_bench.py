@@ -116,18 +116,21 @@ def _start_server(threads: int, port: int, config: str | None) -> subprocess.Pop
         str(port),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: the server exited with {proc.returncode}")
-        try:
-            if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("bench: the server did not become ready in 120 s")
+    try:  # the server reads its config before it is ready, so the file can go either way
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"bench: the server exited with {proc.returncode}")
+            try:
+                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    return proc
+            except OSError:
+                pass
+            time.sleep(0.2)
+        proc.kill()
+        raise SystemExit("bench: the server did not become ready in 120 s")
+    finally:
+        os.unlink(cfg.name)
 
 
 def _scrape(port: int) -> dict[str, float]:
