@@ -35,6 +35,10 @@ class BatchPolicy:
     window: int = 64
     max_wait_ms: float = 2.0
     overhead_tokens: int = 64
+    # After a batch ends, wait at most this long (and at most 10 % of that batch's compute time)
+    # for its callers to send their next request, so closed-loop clients keep forming one large
+    # batch instead of drifting into small ones that fight the HTTP work for the cores.
+    rejoin_wait_ms: float = 15.0
     # The backend computes no padding (packed execution): a batch's compute is then the sum of
     # its lengths, so planning merges groups; the budget still bounds longest × count.
     padding_free: bool = False
@@ -42,8 +46,8 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.budget_tokens < 1 or self.max_batch_size < 1 or self.window < 1:
             raise ValueError(f"invalid batch policy {self}: budget, size and window must be >= 1")
-        if self.max_wait_ms < 0 or self.overhead_tokens < 0:
-            raise ValueError(f"invalid batch policy {self}: max_wait_ms and overhead_tokens must be >= 0")
+        if self.max_wait_ms < 0 or self.overhead_tokens < 0 or self.rejoin_wait_ms < 0:
+            raise ValueError(f"invalid batch policy {self}: waits and overhead_tokens must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -105,14 +109,18 @@ def plan_groups(lengths: Sequence[int], policy: BatchPolicy) -> list[tuple[int, 
 
 
 def form_batch(
-    candidates: Sequence[Candidate], policy: BatchPolicy, now_s: float, worker_free_since_s: float = float("-inf")
+    candidates: Sequence[Candidate],
+    policy: BatchPolicy,
+    now_s: float,
+    hold_until_s: float = float("-inf"),
+    min_fill: int = 0,
 ) -> BatchDecision:
     """Choose the next batch from ``candidates`` (oldest first); see the module docstring.
 
-    ``worker_free_since_s``: when the worker last finished a batch. The wait is counted from the
-    later of that and the oldest arrival, so the callers answered by the batch that just ended
-    get ``max_wait_ms`` to send their next request and join, instead of the queue's leftovers
-    leaving at once as a small batch (which on 2 cores also competes with the HTTP work).
+    ``hold_until_s`` and ``min_fill`` let the caller wait a bounded moment for entries it expects:
+    while fewer than ``min_fill`` entries wait, a batch that is not full is held until
+    ``hold_until_s`` (the runner uses this for the callers of the batch that just finished, who
+    typically send their next request within milliseconds; see ``ModelRunner``).
     """
     if not candidates:
         return BatchDecision((), ready=False, full=False, ready_at_s=float("inf"), cost_tokens=0)
@@ -134,6 +142,8 @@ def form_batch(
         else:
             full = len(candidates) > window
     indices = tuple(sorted(by_length[lo:hi]))
-    ready_at_s = max(candidates[0].enqueued_s, worker_free_since_s) + policy.max_wait_ms / 1000.0
+    ready_at_s = candidates[0].enqueued_s + policy.max_wait_ms / 1000.0
+    if len(candidates) < min_fill:
+        ready_at_s = max(ready_at_s, hold_until_s)
     ready = full or now_s >= ready_at_s
     return BatchDecision(indices, ready=ready, full=full, ready_at_s=ready_at_s, cost_tokens=longest * count)

@@ -70,7 +70,10 @@ class ModelRunner:
         self._task: asyncio.Task[None] | None = None
         self._running: asyncio.Future[list[RowOutcome]] | None = None
         self._next_batch_id = 0
-        self._free_since_s = float("-inf")  # when the worker last finished a batch
+        # After a batch ends: hold a partial next batch until this time while fewer than
+        # ``_min_fill`` entries wait (those queued then + the finished batch's callers).
+        self._hold_until_s = float("-inf")
+        self._min_fill = 0
 
     async def start(self, warmup_texts: Sequence[str] = ()) -> None:
         """Warm the model up (first calls allocate and pick kernels), then start the loop."""
@@ -115,7 +118,7 @@ class ModelRunner:
             if self._closing and not len(self.queue):
                 break
             now_s = self.clock()
-            decision = form_batch(self.queue.candidates(), self.policy, now_s, self._free_since_s)
+            decision = form_batch(self.queue.candidates(), self.policy, now_s, self._hold_until_s, self._min_fill)
             busy = self._running is not None
             # While the worker is busy, hold only a full batch; a partial one keeps growing.
             take = decision.full if busy else (decision.ready or (self._closing and bool(decision.indices)))
@@ -176,7 +179,11 @@ class ModelRunner:
 
     def _deliver(self, batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
         self._wake.set()
-        self._free_since_s = self.clock()
+        if not fut.cancelled() and fut.exception() is None:
+            compute_s = fut.result()[1]
+            hold_s = min(self.policy.rejoin_wait_ms / 1000.0, 0.1 * compute_s)
+            self._hold_until_s = self.clock() + hold_s
+            self._min_fill = len(self.queue) + len(batch)
         if fut.cancelled():  # only at interpreter shutdown
             return
         exc = fut.exception()

@@ -339,12 +339,34 @@ def test_padded_cost() -> None:
     assert padded_cost([3, 7, 5]) == 21
 
 
-def test_wait_counts_from_when_the_worker_became_free() -> None:
+def test_partial_batch_is_held_for_expected_arrivals_within_a_bound() -> None:
     policy = BatchPolicy(max_wait_ms=2.0)
-    waiting = [Candidate(10, enqueued_s=0.0)]
-    # The entry has waited long, but the worker finished a batch at t=1.0: its callers get 2 ms to rejoin.
-    held = form_batch(waiting, policy, now_s=1.001, worker_free_since_s=1.0)
-    assert not held.ready and held.ready_at_s == pytest.approx(1.002)
-    assert form_batch(waiting, policy, now_s=1.002, worker_free_since_s=1.0).ready
-    # A worker idle for long adds no wait.
-    assert form_batch(waiting, policy, now_s=0.002, worker_free_since_s=-1.0).ready
+    waiting = [Candidate(10, enqueued_s=0.0), Candidate(12, enqueued_s=0.0)]
+    # Long past max_wait, but the caller expects 4 entries until t=1.010: hold.
+    held = form_batch(waiting, policy, now_s=1.001, hold_until_s=1.010, min_fill=4)
+    assert not held.ready and held.ready_at_s == pytest.approx(1.010)
+    # The bound passes: go with what is there.
+    assert form_batch(waiting, policy, now_s=1.010, hold_until_s=1.010, min_fill=4).ready
+    # Enough entries are waiting: no hold.
+    assert form_batch(waiting, policy, now_s=1.001, hold_until_s=1.010, min_fill=2).ready
+    # A full batch never waits.
+    tight = BatchPolicy(max_wait_ms=2.0, budget_tokens=20)
+    assert form_batch(waiting, tight, now_s=1.001, hold_until_s=1.010, min_fill=4).ready
+
+
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40),
+    now_s=st.floats(0, 10),
+    hold_until_s=st.floats(0, 10),
+    min_fill=st.integers(0, 50),
+)
+def test_hold_never_delays_beyond_its_bound(
+    lengths: list[int], now_s: float, hold_until_s: float, min_fill: int
+) -> None:
+    policy = BatchPolicy(max_wait_ms=2.0)
+    candidates = [Candidate(n, enqueued_s=0.0) for n in lengths]
+    decision = form_batch(candidates, policy, now_s, hold_until_s, min_fill)
+    assert decision.ready_at_s <= max(0.002, hold_until_s)
+    if now_s >= max(0.002, hold_until_s):
+        assert decision.ready
+    assert decision.indices == form_batch(candidates, policy, now_s).indices  # holding never changes the choice
