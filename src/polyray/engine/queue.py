@@ -35,6 +35,21 @@ class Entry:
         return len(self.ids)
 
 
+def split_dead(entries: list[Entry], now_s: float) -> tuple[list[Entry], list[Entry], list[Entry]]:
+    """(live, cancelled: the caller has gone, expired: past the deadline), order kept."""
+    live: list[Entry] = []
+    cancelled: list[Entry] = []
+    expired: list[Entry] = []
+    for entry in entries:
+        if entry.future.done():
+            cancelled.append(entry)
+        elif entry.deadline_s <= now_s:
+            expired.append(entry)
+        else:
+            live.append(entry)
+    return live, cancelled, expired
+
+
 class EntryQueue:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
@@ -63,11 +78,7 @@ class EntryQueue:
 
     def remove_dead(self, now_s: float) -> tuple[list[Entry], list[Entry]]:
         """Split off entries whose caller has gone (cancelled) and those past their deadline."""
-        cancelled = [e for e in self._entries if e.future.done()]
-        expired = [e for e in self._entries if not e.future.done() and e.deadline_s <= now_s]
-        if cancelled or expired:
-            dead = {id(e) for e in cancelled} | {id(e) for e in expired}
-            self._entries = [e for e in self._entries if id(e) not in dead]
+        self._entries, cancelled, expired = split_dead(self._entries, now_s)
         return cancelled, expired
 
     def drain(self) -> list[Entry]:

@@ -24,7 +24,7 @@ import numpy as np
 from polyray.backends.base import Backend
 from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.observer import EngineObserver
-from polyray.engine.queue import Entry, EntryQueue, EntryResult
+from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded
 from polyray.types import ModelRef
 
@@ -101,7 +101,9 @@ class ModelRunner:
         self._worker.shutdown(wait=True)
 
     def _drop_dead(self) -> None:
-        cancelled, expired = self.queue.remove_dead(self.clock())
+        self._report_dead(*self.queue.remove_dead(self.clock()))
+
+    def _report_dead(self, cancelled: list[Entry], expired: list[Entry]) -> None:
         for entry in expired:
             entry.future.set_exception(DeadlineExceeded())
         if cancelled:
@@ -156,20 +158,8 @@ class ModelRunner:
 
     def _live(self, batch: list[Entry]) -> list[Entry]:
         """Entries of a held batch that are still wanted once the worker is free."""
-        now_s = self.clock()
-        live, num_cancelled, num_expired = [], 0, 0
-        for entry in batch:
-            if entry.future.done():
-                num_cancelled += 1
-            elif entry.deadline_s <= now_s:
-                entry.future.set_exception(DeadlineExceeded())
-                num_expired += 1
-            else:
-                live.append(entry)
-        if num_cancelled:
-            self.observer.on_dropped(self.ref, "cancelled", num_cancelled)
-        if num_expired:
-            self.observer.on_dropped(self.ref, "deadline", num_expired)
+        live, cancelled, expired = split_dead(batch, self.clock())
+        self._report_dead(cancelled, expired)
         return live
 
     def _timed_compute(self, batch: list[tuple[int, ...]]) -> tuple[list[RowOutcome], float]:
