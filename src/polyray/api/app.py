@@ -12,11 +12,13 @@ from polyray.api.errors import install_error_handlers
 from polyray.api.routes import embeddings, system
 from polyray.api.state import AppState
 from polyray.config import Settings
-from polyray.engine.engine import Engine
+from polyray.engine.client import EngineClient
 from polyray.observability.metrics import Metrics
 
 
-def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = None, warmup: bool = True) -> FastAPI:
+def create_app(
+    engine: EngineClient, settings: Settings, metrics: Metrics | None = None, warmup: bool = True
+) -> FastAPI:
     """The engine starts (loads and warms) with the app and drains on shutdown."""
 
     @asynccontextmanager

@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from polyray.config import Settings
-from polyray.engine.engine import Engine
+from polyray.engine.client import EngineClient
 from polyray.observability.metrics import Metrics
 from polyray.types import ModelRef
 
 
 @dataclass
 class AppState:
-    engine: Engine
+    engine: EngineClient
     settings: Settings
     metrics: Metrics
-    dims: dict[ModelRef, int] = field(default_factory=dict)
+    dims: dict[ModelRef, int] = field(init=False)  # per served version, read once for request checks
 
     def __post_init__(self) -> None:
         self.dims = {info.ref: info.dim for info in self.engine.models()}

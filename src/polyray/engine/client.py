@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from polyray.engine.engine import ModelInfo
-from polyray.types import EmbedRequest, EmbedResult
+from polyray.types import EmbedRequest, EmbedResult, ModelRef
 
 
 class EngineClient(Protocol):
@@ -18,5 +18,9 @@ class EngineClient(Protocol):
     async def stop(self) -> None: ...
 
     async def embed(self, request: EmbedRequest) -> EmbedResult: ...
+
+    def resolve(self, model: str) -> ModelRef:
+        """``name`` or ``name@version`` to a served version; raises ``NotFound``."""
+        ...
 
     def models(self) -> list[ModelInfo]: ...
