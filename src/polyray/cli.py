@@ -1,4 +1,4 @@
-"""``polyray serve | embed | bench``."""
+"""``polyray serve | embed | bench | clients | usage``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
 from polyray.config import ConfigError, Settings, load_settings
 from polyray.errors import ModelLoadError, PolyrayError
+
+if TYPE_CHECKING:
+    from polyray.tenancy.service import BootstrapKeys
 
 log = logging.getLogger("polyray")
 
@@ -37,15 +41,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from polyray.api.app import create_app
+    from polyray.config import LOOPBACK_HOSTS
     from polyray.engine.build import build_engine
     from polyray.observability.metrics import Metrics
+    from polyray.tenancy.service import Tenancy
 
     settings = _load(args.config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
+    if settings.tenancy.auth == "none" and host not in LOOPBACK_HOSTS:
+        raise ConfigError(f"[tenancy] auth = 'none' is allowed only on loopback, not --host {host}")
     metrics = Metrics()
-    engine = build_engine(settings, observer=metrics)  # loads weights: a broken model fails here
-    app = create_app(engine, settings, metrics)
+    tenancy = Tenancy.open(settings.tenancy, on_record=metrics.on_usage)
+    if tenancy.bootstrap_keys is not None:
+        _print_bootstrap(tenancy.bootstrap_keys, host, port)
+    engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)  # a broken model fails here
+    app = create_app(engine, settings, metrics, tenancy=tenancy)
     log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
     # uvicorn drains on SIGTERM/SIGINT, restores the previous handlers and re-raises the signal;
     # with these no-op handlers in place that re-raise is harmless and a drained shutdown exits 0.
@@ -53,6 +64,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
     return 0
+
+
+def _print_bootstrap(keys: BootstrapKeys, host: str, port: int) -> None:
+    """Shown once, on the first start with an empty database: the keys are stored only hashed."""
+    print(
+        f"""
+polyray: empty client database; created client {keys.client!r} and an admin key.
+Keep them now: they are stored hashed and never shown again (new ones: polyray clients rotate-key).
+
+  client key ({keys.client}): {keys.client_key}
+  admin key:                {keys.admin_key}
+
+  curl -s http://{host}:{port}/v1/embeddings -H "Authorization: Bearer {keys.client_key}" \\
+       -H "Content-Type: application/json" -d '{{"model": "minilm", "input": "hello"}}'
+""",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -121,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="server config (its model list is replaced by the packaged model)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.set_defaults(func=cmd_bench)
+
+    from polyray.cli_tenancy import add_tenancy_commands
+
+    add_tenancy_commands(sub)
     return parser
 
 

@@ -22,6 +22,18 @@ Example (every key optional)::
     max_wait_ms = 2.0
     overhead_tokens = 64       # fixed cost of one forward call, in token-equivalents
 
+    [tenancy]
+    database_url = "postgresql://polyray@db/polyray"   # default: SQLite in $POLYRAY_HOME
+    auth = "keys"              # "none" only when host is loopback
+    bootstrap = true           # empty database: create client "default" + an admin key, print them once
+    refresh_interval_s = 2.0   # how soon changes made with `polyray clients` reach a running server
+    flush_interval_s = 1.0     # usage ledger write interval
+
+    [fairness]
+    interactive_budget_tokens = 512    # batch cap while interactive and batch clients mix
+    interactive_window_s = 2.0
+    max_client_queue_fraction = 0.5    # one client's share of the queue before 429
+
     [[models]]
     name = "minilm"
     version = "1"
@@ -40,6 +52,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from polyray.engine.batcher import BatchPolicy
+from polyray.engine.runner import FairnessPolicy
 
 DEFAULT_MODEL_NAME = "minilm"
 DEFAULT_MODEL_VERSION = "1"
@@ -85,11 +98,53 @@ class ModelConfig:
             )
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class TenancyConfig:
+    """Clients, keys and the usage ledger.
+
+    ``database_url`` None means a SQLite file in the data directory (``$POLYRAY_HOME``, default
+    ``~/.local/share/polyray``); ``postgresql://user@host/db`` for a shared ledger.
+    ``auth = "none"`` serves without keys (every caller is client ``anonymous``) and is refused
+    unless the server listens on loopback only.
+    """
+
+    database_url: str | None = None
+    auth: str = "keys"
+    bootstrap: bool = True  # on an empty database, create client "default" and an admin key, print both once
+    refresh_interval_s: float = 2.0
+    flush_interval_s: float = 1.0
+    spool_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth not in ("keys", "none"):
+            raise ConfigError(f"[tenancy] auth must be 'keys' or 'none', got {self.auth!r}")
+        if self.refresh_interval_s <= 0 or self.flush_interval_s <= 0:
+            raise ConfigError("[tenancy] refresh_interval_s and flush_interval_s must be > 0")
+
+
+def data_dir() -> Path:
+    """Where the default SQLite ledger and the usage spool live (read when called, not at import)."""
+    return Path(os.environ.get("POLYRAY_HOME") or Path.home() / ".local" / "share" / "polyray")
+
+
+def database_url(config: TenancyConfig) -> str:
+    return config.database_url or f"sqlite:///{data_dir() / 'polyray.db'}"
+
+
+def spool_path(config: TenancyConfig) -> Path:
+    return Path(config.spool_path).expanduser() if config.spool_path else data_dir() / "usage-spool.jsonl"
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
     batching: BatchPolicy = field(default_factory=BatchPolicy)
     models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
 
 
 def default_threads() -> int:
@@ -135,7 +190,7 @@ def _build(cls: Any, table: Any, where: str) -> Any:
 
 
 def parse_settings(data: dict[str, Any]) -> Settings:
-    unknown = sorted(set(data) - {"server", "batching", "models"})
+    unknown = sorted(set(data) - {"server", "batching", "models", "tenancy", "fairness"})
     if unknown:
         raise ConfigError(f"unknown sections: {', '.join(unknown)}")
     settings = Settings()
@@ -146,6 +201,13 @@ def parse_settings(data: dict[str, Any]) -> Settings:
             raise ConfigError("[server] max_items must not exceed max_queue_items")
     if "batching" in data:
         settings = replace(settings, batching=_build(BatchPolicy, data["batching"], "batching"))
+    if "tenancy" in data:
+        settings = replace(settings, tenancy=_build(TenancyConfig, data["tenancy"], "tenancy"))
+    if "fairness" in data:
+        settings = replace(settings, fairness=_build(FairnessPolicy, data["fairness"], "fairness"))
+    if settings.tenancy.auth == "none" and settings.server.host not in LOOPBACK_HOSTS:
+        # Never an unauthenticated port beyond loopback.
+        raise ConfigError(f"[tenancy] auth = 'none' is allowed only on loopback, not host {settings.server.host!r}")
     if "models" in data:
         models = tuple(_build(ModelConfig, m, "models") for m in data["models"])
         if not models:

@@ -3,7 +3,10 @@
     PolyrayError                 (kind)
     ├── InvalidRequest           invalid_request   400
     ├── TooLarge                 too_large         413
+    ├── Unauthenticated          unauthenticated   401 (no key, unknown key)
+    ├── Forbidden                forbidden         403 (disabled client, not an admin, another client's data)
     ├── NotFound                 not_found         404
+    ├── RateLimited              rate_limited      429 + Retry-After (a quota or the fair-share queue limit)
     ├── Overloaded               overloaded        503 + Retry-After
     │   └── DeadlineExceeded     the request's deadline passed before compute
     ├── BackendError             backend_error     500
@@ -52,8 +55,25 @@ class TooLarge(PolyrayError):
     kind = ErrorKind.TOO_LARGE
 
 
+class Unauthenticated(PolyrayError):
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class Forbidden(PolyrayError):
+    kind = ErrorKind.FORBIDDEN
+
+
 class NotFound(PolyrayError):
     kind = ErrorKind.NOT_FOUND
+
+
+class RateLimited(PolyrayError):
+    """Over a quota; ``code`` names the limit (e.g. ``requests_per_s``) and the message its value."""
+
+    kind = ErrorKind.RATE_LIMITED
+
+    def __init__(self, message: str, *, code: str, retry_after_s: float) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 class Overloaded(PolyrayError):

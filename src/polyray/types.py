@@ -41,6 +41,8 @@ class Usage:
     queue_ms: float
     inference_ms: float
     num_batches: int
+    compute_ns: int = 0  # compute charged to the caller: its batch shares plus its tokenization
+    num_cached: int = 0  # texts answered from a cache (charged no compute)
 
 
 @dataclass(frozen=True)

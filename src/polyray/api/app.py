@@ -9,29 +9,43 @@ from fastapi import FastAPI
 
 from polyray import __version__
 from polyray.api.errors import install_error_handlers
-from polyray.api.routes import embeddings, system
+from polyray.api.routes import admin, embeddings, system, usage
 from polyray.api.state import AppState
 from polyray.config import Settings
 from polyray.engine.client import EngineClient
 from polyray.observability.metrics import Metrics
+from polyray.tenancy.service import Tenancy
 
 
 def create_app(
-    engine: EngineClient, settings: Settings, metrics: Metrics | None = None, warmup: bool = True
+    engine: EngineClient,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    warmup: bool = True,
+    tenancy: Tenancy | None = None,
 ) -> FastAPI:
-    """The engine starts (loads and warms) with the app and drains on shutdown."""
+    """The engine starts (loads and warms) with the app and drains on shutdown; then the usage
+    ledger flushes, so the compute of every drained request is on record."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await engine.start(warmup=warmup)
+        if tenancy is not None:
+            await tenancy.start()
         try:
-            yield
+            await engine.start(warmup=warmup)
+            try:
+                yield
+            finally:
+                await engine.stop()
         finally:
-            await engine.stop()
+            if tenancy is not None:
+                await tenancy.stop()
 
     app = FastAPI(title="polyray", version=__version__, lifespan=lifespan)
-    app.state.polyray = AppState(engine, settings, metrics or Metrics())
+    app.state.polyray = AppState(engine, settings, metrics or Metrics(), tenancy)
     install_error_handlers(app)
     app.include_router(embeddings.router)
     app.include_router(system.router)
+    app.include_router(usage.router)
+    app.include_router(admin.router)
     return app

@@ -48,6 +48,8 @@ def error_response(
     headers = dict(headers or {})
     if retry_after_s is not None or kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
+    if kind is ErrorKind.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = 'Bearer realm="polyray"'
     return Response(
         orjson.dumps(body), status_code=status or STATUS_BY_KIND[kind], headers=headers, media_type="application/json"
     )

@@ -1,4 +1,4 @@
-"""What the routes share: the engine client, settings and metrics."""
+"""What the routes share: the engine client, settings, metrics and tenancy (None: no auth, no ledger)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from polyray.config import Settings
 from polyray.engine.client import EngineClient
 from polyray.observability.metrics import Metrics
+from polyray.tenancy.service import Tenancy
 from polyray.types import ModelRef
 
 
@@ -15,6 +16,7 @@ class AppState:
     engine: EngineClient
     settings: Settings
     metrics: Metrics
+    tenancy: Tenancy | None = None
     dims: dict[ModelRef, int] = field(init=False)  # per served version, read once for request checks
 
     def __post_init__(self) -> None:

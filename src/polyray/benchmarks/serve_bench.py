@@ -113,6 +113,8 @@ def _start_server(threads: int, port: int, config: str | None) -> subprocess.Pop
     if "[[models]]" in text:
         raise SystemExit("bench: the --config must not list models; the bench serves the packaged MiniLM")
     text += f'\n[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n'
+    if "[tenancy]" not in text:  # loopback bench: no keys; the ledger goes to a throw-away directory
+        text += '\n[tenancy]\nauth = "none"\n'
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
         cfg.write(text)
     cmd = [
@@ -127,7 +129,8 @@ def _start_server(threads: int, port: int, config: str | None) -> subprocess.Pop
         "--port",
         str(port),
     ]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    home = tempfile.mkdtemp(prefix="polyray-bench-")
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "POLYRAY_HOME": home})
     try:  # the server reads its config before it is ready, so the file can go either way
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -7,9 +7,14 @@ from polyray.backends.factory import build_backend
 from polyray.config import Settings
 from polyray.engine.engine import Engine
 from polyray.engine.observer import EngineObserver
+from polyray.tenancy.accounts import Accounts
 from polyray.types import ModelRef
 
 
-def build_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:
+def build_engine(
+    settings: Settings, observer: EngineObserver | None = None, accounts: Accounts | None = None
+) -> Engine:
     backends: dict[ModelRef, Backend] = {ModelRef(m.name, m.version): build_backend(m) for m in settings.models}
-    return Engine(backends, settings.batching, settings.server, observer)
+    return Engine(
+        backends, settings.batching, settings.server, observer, accounts=accounts, fairness=settings.fairness
+    )

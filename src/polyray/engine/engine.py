@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -18,8 +19,11 @@ from polyray.config import ServerConfig
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.observer import EngineObserver, NullObserver
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import ModelRunner
+from polyray.engine.runner import FairnessPolicy, ModelRunner
 from polyray.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded
+from polyray.tenancy.accounts import Accounts
+from polyray.tenancy.model import PriorityClass
+from polyray.tenancy.quotas import Ticket
 from polyray.types import EmbedRequest, EmbedResult, ModelRef, Usage
 
 WARMUP_TEXTS = ("warm up", "a somewhat longer sentence to warm up the model with more than a handful of tokens in it")
@@ -46,15 +50,26 @@ class Engine:
         server: ServerConfig,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        accounts: Accounts | None = None,
+        fairness: FairnessPolicy | None = None,
     ) -> None:
         if not backends:
             raise ValueError("the engine needs at least one model")
         self.server = server
         self.clock = clock
+        self.accounts = accounts or Accounts()
+        self.measured_tokenize_ns = 0
         obs = observer or NullObserver()
         self.runners = {
             ref: ModelRunner(
-                ref, backend, replace(policy, padding_free=backend.padding_free), server.max_queue_items, obs, clock
+                ref,
+                backend,
+                replace(policy, padding_free=backend.padding_free),
+                server.max_queue_items,
+                obs,
+                clock,
+                fairness,
+                functools.partial(self._charge_batch_share, ref),
             )
             for ref, backend in backends.items()
         }
@@ -103,6 +118,14 @@ class Engine:
             for ref, r in sorted(self.runners.items(), key=lambda item: (item[0].name, _version_key(item[0])))
         ]
 
+    @property
+    def measured_compute_ns(self) -> int:
+        """Σ of all measured compute: every batch's forward pass plus every tokenization."""
+        return self.measured_tokenize_ns + sum(r.measured_compute_ns for r in self.runners.values())
+
+    def _charge_batch_share(self, ref: ModelRef, client: str, compute_ns: int) -> None:
+        self.accounts.charge(client, ref, compute_ns)
+
     # -- the request path ----------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         ref = self.resolve(request.model)
@@ -111,7 +134,33 @@ class Engine:
             raise Overloaded(f"model {ref} is not ready", code="not_ready", retry_after_s=2.0)
         if not request.texts:
             raise InvalidRequest("input must contain at least one text", param="input")
+        client = self.accounts.client(request.client)
+        quotas = self.accounts.quotas
+        ticket = quotas.admit(client, self.clock(), self.accounts.wall_clock())
+        try:
+            return await self._embed_admitted(
+                request, ref, runner, client.name, client.weight, client.priority is PriorityClass.INTERACTIVE, ticket
+            )
+        finally:
+            quotas.release(ticket)
+
+    async def _embed_admitted(
+        self,
+        request: EmbedRequest,
+        ref: ModelRef,
+        runner: ModelRunner,
+        client_name: str,
+        weight: float,
+        interactive: bool,
+        ticket: Ticket,
+    ) -> EmbedResult:
+        started_ns = time.perf_counter_ns()
         tokenized = await self._tokenize(runner.backend, request.texts)
+        tokenize_ns = time.perf_counter_ns() - started_ns
+        self.measured_tokenize_ns += tokenize_ns
+        self.accounts.charge(client_name, ref, tokenize_ns)
+        num_tokens = sum(len(t.ids) for t in tokenized)
+        self.accounts.quotas.charge_tokens(ticket, self.accounts.client(client_name), num_tokens, self.clock())
         truncated = tuple(i for i, t in enumerate(tokenized) if t.truncated)
         if truncated and not request.truncate:
             raise InvalidRequest(
@@ -123,7 +172,9 @@ class Engine:
         now_s = self.clock()
         deadline_s = request.deadline_s if request.deadline_s is not None else now_s + self.server.request_timeout_s
         loop = asyncio.get_running_loop()
-        entries = [Entry(t.ids, now_s, deadline_s, loop.create_future()) for t in tokenized]
+        entries = [
+            Entry(t.ids, now_s, deadline_s, loop.create_future(), client_name, weight, interactive) for t in tokenized
+        ]
         runner.submit(entries)
         futures = [e.future for e in entries]
         try:
@@ -138,11 +189,13 @@ class Engine:
                     fut.cancel()
         batches = {r.batch_id: r.inference_ms for r in results}
         usage = Usage(
-            num_tokens=sum(len(t.ids) for t in tokenized),
+            num_tokens=num_tokens,
             queue_ms=max(r.queue_ms for r in results),
             inference_ms=sum(batches.values()),
             num_batches=len(batches),
+            compute_ns=tokenize_ns + sum(r.compute_ns for r in results),
         )
+        self.accounts.record_request(client_name, ref, len(tokenized), num_tokens)
         return EmbedResult(ref, np.stack([r.vector for r in results]), usage, truncated)
 
     async def _tokenize(self, backend: Backend, texts: Sequence[str]) -> list[Tokenized]:

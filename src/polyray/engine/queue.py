@@ -1,7 +1,10 @@
-"""One model's waiting entries, oldest first, with a hard bound.
+"""One model's waiting entries in fair-share order, with a hard bound overall and per client.
 
-An entry is one text of one request. The queue has a single owner (the model's runner loop) plus
-``push`` from request handlers; all of it runs on the event loop thread, so no lock is needed.
+An entry is one text of one request. Entries are kept in start-time fair-queuing order
+(``scheduler.FairQueue``, weights from the client's share and priority class), so the batcher's
+"oldest first" becomes "smallest start tag first": a client flooding the queue only pushes its
+own entries back. The queue has a single owner (the model's runner loop) plus ``push`` from
+request handlers; all of it runs on the event-loop thread, so no lock is needed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from polyray.engine.batcher import Candidate
-from polyray.errors import Overloaded
+from polyray.engine.scheduler import FairQueue
+from polyray.errors import Overloaded, RateLimited
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class EntryResult:
     queue_ms: float
     inference_ms: float
     batch_id: int
+    compute_ns: int  # this entry's share of its batch's measured compute
 
 
 @dataclass(eq=False)
@@ -29,6 +34,9 @@ class Entry:
     enqueued_s: float
     deadline_s: float
     future: asyncio.Future[EntryResult] = field(repr=False)
+    client: str = ""
+    weight: float = 1.0
+    interactive: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -51,36 +59,72 @@ def split_dead(entries: list[Entry], now_s: float) -> tuple[list[Entry], list[En
 
 
 class EntryQueue:
-    def __init__(self, max_entries: int) -> None:
+    """``max_entries`` overall; one client may hold at most ``max_client_fraction`` of it, so a
+    flood from one client leaves room for the others (over it: 429 ``fair_share_queue``)."""
+
+    def __init__(self, max_entries: int, max_client_fraction: float = 1.0) -> None:
         self.max_entries = max_entries
-        self._entries: list[Entry] = []
+        self.max_client_entries = max(1, int(max_entries * max_client_fraction))
+        self._fair: FairQueue[Entry] = FairQueue()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._fair)
 
     def push(self, entries: list[Entry]) -> None:
         """All of a request's entries or none, so a request is never half-queued."""
-        if len(self._entries) + len(entries) > self.max_entries:
+        if len(self._fair) + len(entries) > self.max_entries:
             raise Overloaded(
-                f"the queue is full ({len(self._entries)} of {self.max_entries} texts waiting); retry shortly",
+                f"the queue is full ({len(self._fair)} of {self.max_entries} texts waiting); retry shortly",
                 code="queue_full",
             )
-        self._entries.extend(entries)
+        if entries:
+            client = entries[0].client
+            held = self._fair.num_waiting(client)
+            if held and held + len(entries) > self.max_client_entries:
+                raise RateLimited(
+                    f"client {client!r} already has {held} texts waiting; one client may queue at most "
+                    f"{self.max_client_entries} (fair share of the queue); retry when some are done",
+                    code="fair_share_queue",
+                    retry_after_s=1.0,
+                )
+        for entry in entries:
+            self._fair.push(entry.client, entry, entry.num_tokens, entry.weight)
 
-    def candidates(self) -> list[Candidate]:
-        return [Candidate(e.num_tokens, e.enqueued_s) for e in self._entries]
+    def candidates(self, limit: int | None = None) -> tuple[list[Candidate], list[int]]:
+        """The first ``limit`` entries in fair order (the batcher looks at a window, not a flood),
+        and their positions in the queue (for ``take``).
+
+        When the head entry is interactive, only interactive entries are candidates: an interactive
+        request's batch is not slowed by batch-class entries riding along (they get batches of their
+        own, capped while interactive traffic is recent; see ``ModelRunner``).
+        """
+        limit = len(self._fair) if limit is None else limit
+        if not len(self._fair):
+            return [], []
+        interactive_only = self._fair[0].item.interactive
+        candidates: list[Candidate] = []
+        positions: list[int] = []
+        for i, tagged in enumerate(self._fair):
+            if len(candidates) >= limit:
+                break
+            entry = tagged.item
+            if interactive_only and not entry.interactive:
+                continue
+            candidates.append(Candidate(entry.num_tokens, entry.enqueued_s))
+            positions.append(i)
+        return candidates, positions
+
+    def head_is_batch_class(self) -> bool:
+        return bool(len(self._fair)) and not self._fair[0].item.interactive
 
     def take(self, indices: tuple[int, ...]) -> list[Entry]:
-        chosen = set(indices)
-        taken = [self._entries[i] for i in indices]
-        self._entries = [e for i, e in enumerate(self._entries) if i not in chosen]
-        return taken
+        return [t.item for t in self._fair.take(indices)]
 
     def remove_dead(self, now_s: float) -> tuple[list[Entry], list[Entry]]:
         """Split off entries whose caller has gone (cancelled) and those past their deadline."""
-        self._entries, cancelled, expired = split_dead(self._entries, now_s)
+        gone = self._fair.remove_if(lambda e: e.future.done() or e.deadline_s <= now_s)
+        _, cancelled, expired = split_dead([t.item for t in gone], now_s)
         return cancelled, expired
 
     def drain(self) -> list[Entry]:
-        entries, self._entries = self._entries, []
-        return entries
+        return [t.item for t in self._fair.drain()]

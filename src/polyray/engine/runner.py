@@ -8,6 +8,16 @@ partial batch instead keeps absorbing arrivals until the worker frees up.
 
 If a batch raises, its entries are retried one by one on the worker: only the entries that fail
 alone get ``BackendError``, and the loop keeps serving.
+
+Fair share: the queue is in weighted-fair order across clients (``queue``). A forward pass cannot
+be preempted, so an interactive client's request that arrives during a batch waits for it; while
+interactive traffic is recent (``interactive_window_s``), batches led by batch-class entries are
+capped at ``interactive_budget_tokens`` to bound that wait, and batches led by an interactive
+entry hold interactive entries only (full budget), so they run as fast as with no flood at all.
+
+Cost: each batch's compute (worker wall time, integer ns) is split over its entries by padded
+tokens (``tenancy.costs``) and charged to their clients through ``charge`` as it is measured,
+whether or not the caller is still there, so charged compute always equals measured compute.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,11 +37,29 @@ from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.observer import EngineObserver
 from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded
+from polyray.tenancy.costs import split_batch_compute
 from polyray.types import ModelRef
 
 log = logging.getLogger(__name__)
 
 RowOutcome = np.ndarray | BaseException
+# (client, compute_ns): called on the event loop for every entry of every computed batch.
+ChargeSink = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class FairnessPolicy:
+    """How the runner protects interactive clients from batch-class floods (see module docstring)."""
+
+    interactive_budget_tokens: int = 512
+    interactive_window_s: float = 2.0
+    max_client_queue_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.interactive_budget_tokens < 1 or self.interactive_window_s < 0:
+            raise ValueError(f"invalid fairness policy {self}")
+        if not 0 < self.max_client_queue_fraction <= 1:
+            raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
 
 
 def compute_rows(backend: Backend, batch: Sequence[Sequence[int]]) -> list[RowOutcome]:
@@ -56,11 +85,17 @@ class ModelRunner:
         max_queue_entries: int,
         observer: EngineObserver,
         clock: Callable[[], float] = time.monotonic,
+        fairness: FairnessPolicy | None = None,
+        charge: ChargeSink | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
         self.policy = policy
-        self.queue = EntryQueue(max_queue_entries)
+        self.fairness = fairness or FairnessPolicy()
+        self.charge = charge
+        self.queue = EntryQueue(max_queue_entries, self.fairness.max_client_queue_fraction)
+        self._last_interactive_s = float("-inf")
+        self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
         self.clock = clock
         self.ready = False
@@ -88,6 +123,8 @@ class ModelRunner:
         if self._closing:
             raise Overloaded("the server is shutting down", code="shutting_down", retry_after_s=5.0)
         self.queue.push(entries)
+        if entries and entries[0].interactive:
+            self._last_interactive_s = self.clock()
         self.observer.on_queue_depth(self.ref, len(self.queue))
         self._wake.set()
 
@@ -120,7 +157,9 @@ class ModelRunner:
             if self._closing and not len(self.queue):
                 break
             now_s = self.clock()
-            decision = form_batch(self.queue.candidates(), self.policy, now_s, self._hold_until_s, self._min_fill)
+            policy = self._policy_now(now_s)
+            candidates, positions = self.queue.candidates(policy.window + 1)
+            decision = form_batch(candidates, policy, now_s, self._hold_until_s, self._min_fill)
             busy = self._running is not None
             # While the worker is busy, hold only a full batch; a partial one keeps growing.
             take = decision.full if busy else (decision.ready or (self._closing and bool(decision.indices)))
@@ -128,7 +167,7 @@ class ModelRunner:
                 timeout = None if busy or not decision.indices else max(0.0, decision.ready_at_s - now_s)
                 await self._wait(timeout)
                 continue
-            batch = self.queue.take(decision.indices)
+            batch = self.queue.take(tuple(positions[i] for i in decision.indices))
             self.observer.on_queue_depth(self.ref, len(self.queue))
             if self._running is not None:
                 await asyncio.wait([self._running])
@@ -144,6 +183,17 @@ class ModelRunner:
             self._running = running  # type: ignore[assignment]
         if self._running is not None:
             await asyncio.wait([self._running])
+
+    def _policy_now(self, now_s: float) -> BatchPolicy:
+        """The batch policy; a batch-class batch is capped while interactive traffic is recent."""
+        cap = self.fairness.interactive_budget_tokens
+        if (
+            cap < self.policy.budget_tokens
+            and now_s - self._last_interactive_s <= self.fairness.interactive_window_s
+            and self.queue.head_is_batch_class()
+        ):
+            return replace(self.policy, budget_tokens=cap)
+        return self.policy
 
     async def _wait(self, timeout_s: float | None) -> None:
         """Sleep until an arrival, the running batch finishing, or ``timeout_s``."""
@@ -162,15 +212,15 @@ class ModelRunner:
         self._report_dead(cancelled, expired)
         return live
 
-    def _timed_compute(self, batch: list[tuple[int, ...]]) -> tuple[list[RowOutcome], float]:
-        started = time.perf_counter()
+    def _timed_compute(self, batch: list[tuple[int, ...]]) -> tuple[list[RowOutcome], int]:
+        started_ns = time.perf_counter_ns()
         rows = compute_rows(self.backend, batch)
-        return rows, time.perf_counter() - started
+        return rows, time.perf_counter_ns() - started_ns
 
     def _deliver(self, batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
         self._wake.set()
         if not fut.cancelled() and fut.exception() is None:
-            compute_s = fut.result()[1]
+            compute_s = fut.result()[1] / 1e9
             hold_s = min(self.policy.rejoin_wait_ms / 1000.0, 0.1 * compute_s)
             self._hold_until_s = self.clock() + hold_s
             self._min_fill = len(self.queue) + len(batch)
@@ -179,20 +229,25 @@ class ModelRunner:
         exc = fut.exception()
         if exc is not None:  # compute_rows contains backend errors; this is a bug, fail loudly per entry
             rows: list[RowOutcome] = [exc] * len(batch)
-            compute_s = 0.0
+            compute_ns = 0
         else:
-            rows, compute_s = fut.result()
-        inference_ms = compute_s * 1000.0
+            rows, compute_ns = fut.result()
+        inference_ms = compute_ns / 1e6
         queue_ms = [(started_s - e.enqueued_s) * 1000.0 for e in batch]
+        lengths = [e.num_tokens for e in batch]
+        shares_ns = split_batch_compute(compute_ns, lengths, self.backend.padding_free)
+        self.measured_compute_ns += compute_ns
+        if self.charge is not None:
+            for entry, share_ns in zip(batch, shares_ns, strict=True):
+                self.charge(entry.client, share_ns)
         num_abandoned = 0
-        for entry, row, waited_ms in zip(batch, rows, queue_ms, strict=True):
+        for entry, row, waited_ms, share_ns in zip(batch, rows, queue_ms, shares_ns, strict=True):
             if entry.future.done():
                 num_abandoned += 1  # the caller left while its batch computed
             elif isinstance(row, BaseException):
                 entry.future.set_exception(BackendError(f"the model failed on this input: {row}"))
             else:
-                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id))
+                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id, share_ns))
         if num_abandoned:
             self.observer.on_dropped(self.ref, "abandoned_after_compute", num_abandoned)
-        lengths = [e.num_tokens for e in batch]
         self.observer.on_batch(self.ref, len(batch), max(lengths) * len(batch), sum(lengths), queue_ms, inference_ms)

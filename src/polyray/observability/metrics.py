@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from polyray.tenancy.ledger import UsageRecord
 from polyray.types import ModelRef
 
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
@@ -61,9 +62,28 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("polyray_tokens", "Real (unpadded) tokens computed", ["model"], registry=r)
+        self.client_compute_s = Counter(
+            "polyray_client_compute_seconds",
+            "Compute-seconds charged to each client (batch shares plus tokenization)",
+            ["client", "model"],
+            registry=r,
+        )
+        self.client_requests = Counter(
+            "polyray_client_requests", "Answered requests per client", ["client", "model"], registry=r
+        )
+        self.client_tokens = Counter("polyray_client_tokens", "Input tokens per client", ["client", "model"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def on_usage(self, rec: UsageRecord) -> None:
+        """Every usage record the engine charges (the ledger gets the same records)."""
+        model = f"{rec.model}@{rec.version}"
+        if rec.compute_ns:
+            self.client_compute_s.labels(rec.client, model).inc(rec.compute_ns / 1e9)
+        if rec.num_requests:
+            self.client_requests.labels(rec.client, model).inc(rec.num_requests)
+            self.client_tokens.labels(rec.client, model).inc(rec.num_tokens)
 
     # -- EngineObserver ------------------------------------------------------------------
     def on_queue_depth(self, model: ModelRef, num_entries: int) -> None:

@@ -21,8 +21,9 @@ from polyray.config import ServerConfig
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import ModelRunner, compute_rows
+from polyray.engine.runner import FairnessPolicy, ModelRunner, compute_rows
 from polyray.errors import BackendError, DeadlineExceeded, InvalidRequest, NotFound, Overloaded
+from polyray.tenancy.accounts import Accounts
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
 
 REF = ModelRef("minilm", "1")
@@ -93,9 +94,18 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
         policy: BatchPolicy | None = None,
         server: ServerConfig | None = None,
         observer: Any = None,
+        fairness: FairnessPolicy | None = None,
+        accounts: Accounts | None = None,
     ) -> Engine:
         backends = backends if backends is not None else {REF: DummyBackend(dim=16)}
-        engine = Engine(backends, policy or BatchPolicy(max_wait_ms=1.0), server or ServerConfig(), observer)
+        engine = Engine(
+            backends,
+            policy or BatchPolicy(max_wait_ms=1.0),
+            server or ServerConfig(),
+            observer,
+            accounts=accounts,
+            fairness=fairness or FairnessPolicy(max_client_queue_fraction=1.0),
+        )
         await engine.start(warmup=False)
         made.append((engine, list(backends.values())))
         return engine

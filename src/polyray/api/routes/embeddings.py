@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from polyray.api.auth import client_name
 from polyray.api.errors import polyray_error_response
 from polyray.api.protocol import check_body_size, check_dimensions, encode_vector, parse_embeddings_request
 from polyray.api.state import AppState
@@ -57,6 +58,7 @@ async def create_embeddings(request: Request) -> Response:
 
 async def _embed(request: Request, state: AppState) -> Response:
     server = state.settings.server
+    client = client_name(request)  # before reading the body: an unauthenticated caller costs nothing
     body = await read_body(request, server.max_body_bytes)
     try:
         payload = orjson.loads(body)
@@ -66,7 +68,7 @@ async def _embed(request: Request, state: AppState) -> Response:
     ref = state.engine.resolve(req.model)
     check_dimensions(req.dimensions, state.dims[ref])
     engine_task = asyncio.ensure_future(
-        state.engine.embed(EmbedRequest(req.model, texts, client=req.user, truncate=server.truncate))
+        state.engine.embed(EmbedRequest(req.model, texts, client=client, truncate=server.truncate))
     )
     disconnect_task = asyncio.ensure_future(wait_for_disconnect(request))
     try:
@@ -94,6 +96,7 @@ def embeddings_response(result: EmbedResult, encoding_format: str) -> Response:
     headers = {
         "X-Polyray-Queue-Ms": f"{usage.queue_ms:.3f}",
         "X-Polyray-Inference-Ms": f"{usage.inference_ms:.3f}",
+        "X-Polyray-Compute-Ms": f"{usage.compute_ns / 1e6:.3f}",
         "Server-Timing": f"queue;dur={usage.queue_ms:.3f}, inference;dur={usage.inference_ms:.3f}",
     }
     if result.truncated:

@@ -1,0 +1,92 @@
+"""Admin API (admin key only): create, list, show, change, disable clients and rotate their keys.
+
+Writes go to the database through ``ClientStore`` (in a thread) and then refresh this server's
+directory at once, so a disabled client is refused from the next request on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from polyray.api.auth import require_admin
+from polyray.api.state import AppState
+from polyray.api.tenancy_protocol import CreateClient, UpdateClient, client_view, parse_body
+from polyray.errors import InvalidRequest
+from polyray.tenancy.service import Tenancy
+
+router = APIRouter(prefix="/v1/admin")
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _admin(request: Request) -> Tenancy:
+    require_admin(request)
+    state: AppState = request.app.state.polyray
+    assert state.tenancy is not None  # require_admin refuses otherwise
+    return state.tenancy
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+@router.post("/clients")
+async def create_client(request: Request) -> Response:
+    tenancy = await _admin(request)
+    body: CreateClient = parse_body(CreateClient, await _json_body(request))
+    client, key = await asyncio.to_thread(
+        tenancy.store.create_client, body.name, body.priority, body.share, body.quota()
+    )
+    await tenancy.directory.refresh()
+    return _json({**client_view(client), "api_key": key}, 201)
+
+
+@router.get("/clients")
+async def list_clients(request: Request) -> Response:
+    tenancy = await _admin(request)
+    clients = await asyncio.to_thread(tenancy.store.all)
+    return _json({"object": "list", "data": [client_view(c) for c in clients]})
+
+
+@router.get("/clients/{name}")
+async def show_client(request: Request, name: str) -> Response:
+    tenancy = await _admin(request)
+    client = await asyncio.to_thread(tenancy.store.get, name)
+    keys = await asyncio.to_thread(tenancy.store.keys, name)
+    return _json(client_view(client, keys))
+
+
+@router.patch("/clients/{name}")
+async def update_client(request: Request, name: str) -> Response:
+    tenancy = await _admin(request)
+    body: UpdateClient = parse_body(UpdateClient, await _json_body(request))
+    current = await asyncio.to_thread(tenancy.store.get, name)
+    client = await asyncio.to_thread(
+        lambda: tenancy.store.update(
+            name,
+            quota=body.quota_over(current.quota),
+            priority=body.priority,
+            share=body.share,
+            disabled=body.disabled,
+        )
+    )
+    await tenancy.directory.refresh()
+    return _json(client_view(client))
+
+
+@router.post("/clients/{name}/rotate-key")
+async def rotate_key(request: Request, name: str) -> Response:
+    tenancy = await _admin(request)
+    key = await asyncio.to_thread(tenancy.store.rotate_key, name)
+    await tenancy.directory.refresh()
+    return _json({"name": name, "api_key": key})

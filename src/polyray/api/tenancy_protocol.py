@@ -1,0 +1,118 @@
+"""Request bodies and JSON views of the admin and usage API (pydantic lives in api/ only)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polyray.errors import InvalidRequest
+from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.reports import UsageTotal
+from polyray.tenancy.store import KeyInfo
+
+
+class QuotaFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    requests_per_s: float | None = Field(default=None, gt=0)
+    tokens_per_s: float | None = Field(default=None, gt=0)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    daily_compute_s: float | None = Field(default=None, gt=0)
+
+
+class CreateClient(QuotaFields):
+    name: str
+    priority: PriorityClass = PriorityClass.BATCH
+    share: float = Field(default=1.0, gt=0)
+
+    def quota(self) -> Quota:
+        return Quota(self.requests_per_s, self.tokens_per_s, self.max_concurrent, self.daily_compute_s)
+
+
+class UpdateClient(QuotaFields):
+    """Only the fields sent change; a quota sent as null becomes unlimited."""
+
+    priority: PriorityClass | None = None
+    share: float | None = Field(default=None, gt=0)
+    disabled: bool | None = None
+
+    def quota_over(self, current: Quota) -> Quota | None:
+        names = ("requests_per_s", "tokens_per_s", "max_concurrent", "daily_compute_s")
+        if not set(names) & self.model_fields_set:
+            return None
+        values = {n: getattr(self, n) if n in self.model_fields_set else getattr(current, n) for n in names}
+        return Quota(**values)
+
+
+def parse_body(model: type[BaseModel], payload: Any) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{where or 'body'}: {first['msg']}", param=where) from None
+
+
+def client_view(client: Client, keys: list[KeyInfo] | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "name": client.name,
+        "priority": client.priority.value,
+        "share": client.share,
+        "weight": client.weight,
+        "disabled": client.disabled,
+        "quota": {
+            "requests_per_s": client.quota.requests_per_s,
+            "tokens_per_s": client.quota.tokens_per_s,
+            "max_concurrent": client.quota.max_concurrent,
+            "daily_compute_s": client.quota.daily_compute_s,
+        },
+    }
+    if keys is not None:
+        view["keys"] = [
+            {
+                "prefix": k.prefix,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            }
+            for k in keys
+        ]
+    return view
+
+
+def parse_time(value: str | None, param: str, default: datetime | None) -> datetime | None:
+    """ISO 8601 date or time (UTC when no zone), or a relative ``-24h`` / ``-7d`` / ``-30m``."""
+    if value is None:
+        return default
+    now = datetime.now(UTC)
+    units = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+    if value.startswith("-") and value[-1:] in units and value[1:-1].isdigit():
+        return now - int(value[1:-1]) * units[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{param}={value!r} is not an ISO 8601 date/time or a relative time like -24h", param=param
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def usage_view(totals: list[UsageTotal], by: str, since: datetime, until: datetime | None) -> dict[str, Any]:
+    return {
+        "object": "usage",
+        "by": by,
+        "since": since.isoformat(),
+        "until": until.isoformat() if until else None,
+        "data": [
+            {
+                by: t.group,
+                "num_requests": t.num_requests,
+                "num_texts": t.num_texts,
+                "num_cached": t.num_cached,
+                "num_tokens": t.num_tokens,
+                "compute_s": t.compute_s,
+            }
+            for t in totals
+        ],
+    }

@@ -1,0 +1,1 @@
+"""Clients, API keys, quotas, cost attribution and the usage ledger (engine-side: no HTTP)."""
