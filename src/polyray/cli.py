@@ -56,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tenancy.bootstrap_keys is not None:
         _print_bootstrap(tenancy.bootstrap_keys, host, port)
     engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)  # a broken model fails here
+    metrics.watch_cache(engine.cache_report)
     app = create_app(engine, settings, metrics, tenancy=tenancy)
     log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
     # uvicorn drains on SIGTERM/SIGINT, restores the previous handlers and re-raises the signal;

@@ -29,6 +29,16 @@ Example (every key optional)::
     refresh_interval_s = 2.0   # how soon changes made with `polyray clients` reach a running server
     flush_interval_s = 1.0     # usage ledger write interval
 
+    [cache]
+    enabled = true
+    local_max_bytes = 268435456        # ceiling for the in-process tier (all models); the tuner sizes within it
+    redis_url = "redis://127.0.0.1:6379/0"   # shared tier; default: off
+    redis_ttl_s = 86400.0
+    retune_interval_s = 60.0           # how often the tuner re-chooses capacity, TTL and admission
+    compute_price_per_s = 1.2e-5       # what a compute-second costs ...
+    storage_price_per_gib_hour = 0.005 # ... against a GiB of cache memory for an hour
+    trace_path = "/tmp/keys.trace"     # record looked-up keys for bench/cache (default: off)
+
     [fairness]
     interactive_budget_tokens = 512    # batch cap while interactive and batch clients mix
     interactive_window_s = 2.0
@@ -51,6 +61,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from polyray.cache.config import CacheConfig
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.runner import FairnessPolicy
 
@@ -145,6 +156,7 @@ class Settings:
     models: tuple[ModelConfig, ...] = (ModelConfig(),)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def default_threads() -> int:
@@ -190,7 +202,7 @@ def _build(cls: Any, table: Any, where: str) -> Any:
 
 
 def parse_settings(data: dict[str, Any]) -> Settings:
-    unknown = sorted(set(data) - {"server", "batching", "models", "tenancy", "fairness"})
+    unknown = sorted(set(data) - {"server", "batching", "models", "tenancy", "fairness", "cache"})
     if unknown:
         raise ConfigError(f"unknown sections: {', '.join(unknown)}")
     settings = Settings()
@@ -205,6 +217,8 @@ def parse_settings(data: dict[str, Any]) -> Settings:
         settings = replace(settings, tenancy=_build(TenancyConfig, data["tenancy"], "tenancy"))
     if "fairness" in data:
         settings = replace(settings, fairness=_build(FairnessPolicy, data["fairness"], "fairness"))
+    if "cache" in data:
+        settings = replace(settings, cache=_build(CacheConfig, data["cache"], "cache"))
     if settings.tenancy.auth == "none" and settings.server.host not in LOOPBACK_HOSTS:
         # Never an unauthenticated port beyond loopback.
         raise ConfigError(f"[tenancy] auth = 'none' is allowed only on loopback, not host {settings.server.host!r}")

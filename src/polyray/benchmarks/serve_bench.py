@@ -115,6 +115,8 @@ def _start_server(threads: int, port: int, config: str | None) -> subprocess.Pop
     text += f'\n[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n'
     if "[tenancy]" not in text:  # loopback bench: no keys; the ledger goes to a throw-away directory
         text += '\n[tenancy]\nauth = "none"\n'
+    if "[cache]" not in text:  # every round sends the same corpus: measure the model path, not cache hits
+        text += "\n[cache]\nenabled = false\n"
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
         cfg.write(text)
     cmd = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from polyray.backends.base import Backend
 from polyray.backends.factory import build_backend
+from polyray.cache.service import EngineCache
 from polyray.config import Settings
 from polyray.engine.engine import Engine
 from polyray.engine.observer import EngineObserver
@@ -15,6 +16,13 @@ def build_engine(
     settings: Settings, observer: EngineObserver | None = None, accounts: Accounts | None = None
 ) -> Engine:
     backends: dict[ModelRef, Backend] = {ModelRef(m.name, m.version): build_backend(m) for m in settings.models}
+    cache = EngineCache(settings.cache, list(backends)) if settings.cache.enabled else None
     return Engine(
-        backends, settings.batching, settings.server, observer, accounts=accounts, fairness=settings.fairness
+        backends,
+        settings.batching,
+        settings.server,
+        observer,
+        accounts=accounts,
+        fairness=settings.fairness,
+        cache=cache,
     )

@@ -3,7 +3,7 @@ the Ray Serve cluster client will be a second implementation."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from polyray.engine.engine import ModelInfo
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
@@ -24,3 +24,7 @@ class EngineClient(Protocol):
         ...
 
     def models(self) -> list[ModelInfo]: ...
+
+    def cache_report(self) -> dict[str, Any] | None:
+        """What the result cache holds and the tuner decided; None when the cache is off."""
+        ...

@@ -11,10 +11,12 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from polyray.backends.base import Backend, Tokenized
+from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.observer import EngineObserver, NullObserver
@@ -52,13 +54,20 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         accounts: Accounts | None = None,
         fairness: FairnessPolicy | None = None,
+        cache: EngineCache | None = None,
     ) -> None:
         if not backends:
             raise ValueError("the engine needs at least one model")
         self.server = server
         self.clock = clock
         self.accounts = accounts or Accounts()
+        self.cache = cache
+        # Per version: cache key -> the queued or computing entry (in-flight dedup, cache on only).
+        self._inflight: dict[ModelRef, dict[bytes, Entry]] = {ref: {} for ref in backends}
+        self._normalization = {ref: _normalization(b) for ref, b in backends.items()}
         self.measured_tokenize_ns = 0
+        self._pending_fills: dict[ModelRef, list[tuple[bytes, np.ndarray]]] = {}
+        self._fill_tasks: set[asyncio.Future[None]] = set()
         obs = observer or NullObserver()
         self.runners = {
             ref: ModelRunner(
@@ -70,6 +79,7 @@ class Engine:
                 clock,
                 fairness,
                 functools.partial(self._charge_batch_share, ref),
+                functools.partial(self._note_compute, ref) if cache is not None else None,
             )
             for ref, backend in backends.items()
         }
@@ -80,11 +90,17 @@ class Engine:
         if self._started:
             return
         self._started = True
+        if self.cache is not None:
+            await self.cache.start()
         for runner in self.runners.values():
             await runner.start(WARMUP_TEXTS if warmup else ())
 
     async def stop(self) -> None:
         await asyncio.gather(*(runner.stop() for runner in self.runners.values()))
+        if self.cache is not None:
+            await asyncio.sleep(0)  # let the last deliveries schedule their cache fills
+            await asyncio.gather(*self._fill_tasks, return_exceptions=True)
+            await self.cache.stop()
 
     @property
     def ready(self) -> bool:
@@ -118,6 +134,9 @@ class Engine:
             for ref, r in sorted(self.runners.items(), key=lambda item: (item[0].name, _version_key(item[0])))
         ]
 
+    def cache_report(self) -> dict[str, Any] | None:
+        return self.cache.report() if self.cache is not None else None
+
     @property
     def measured_compute_ns(self) -> int:
         """Σ of all measured compute: every batch's forward pass plus every tokenization."""
@@ -125,6 +144,10 @@ class Engine:
 
     def _charge_batch_share(self, ref: ModelRef, client: str, compute_ns: int) -> None:
         self.accounts.charge(client, ref, compute_ns)
+
+    def _note_compute(self, ref: ModelRef, compute_ns: int, num_entries: int) -> None:
+        assert self.cache is not None
+        self.cache.note_compute(ref, compute_ns / 1e9, num_entries)
 
     # -- the request path ----------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> EmbedResult:
@@ -171,37 +194,143 @@ class Engine:
             )
         now_s = self.clock()
         deadline_s = request.deadline_s if request.deadline_s is not None else now_s + self.server.request_timeout_s
-        loop = asyncio.get_running_loop()
-        entries = [
-            Entry(t.ids, now_s, deadline_s, loop.create_future(), client_name, weight, interactive) for t in tokenized
-        ]
-        runner.submit(entries)
-        futures = [e.future for e in entries]
+        vectors: list[np.ndarray | None] = [None] * len(tokenized)
+        keys: list[bytes | None] = [None] * len(tokenized)
+        if self.cache is not None:
+            norm = self._normalization[ref]
+            # Truncated texts are neither cached nor shared: their vector is not the text's own.
+            keys = [
+                None if t.truncated else self.cache.key(ref, norm, text)
+                for t, text in zip(tokenized, request.texts, strict=True)
+            ]
+            lookup = [k for k in keys if k is not None]
+            found = iter(await self.cache.lookup(ref, lookup)) if lookup else iter(())
+            for i, key in enumerate(keys):
+                if key is not None:
+                    vectors[i] = next(found)[0]
+        num_cached = sum(v is not None for v in vectors)
+        waits = self._join_or_submit(
+            ref, runner, tokenized, keys, vectors, now_s, deadline_s, client_name, weight, interactive
+        )
         try:
-            results: list[EntryResult] = await asyncio.wait_for(
-                asyncio.gather(*futures), timeout=max(0.0, deadline_s - now_s) + DEADLINE_GRACE_S
+            outcomes: list[EntryResult] = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values())),
+                timeout=max(0.0, deadline_s - now_s) + DEADLINE_GRACE_S,
             )
         except TimeoutError:
             raise DeadlineExceeded() from None
         finally:
-            for fut in futures:  # caller cancelled or one entry failed: the rest must not compute
-                if not fut.done():
-                    fut.cancel()
-        batches = {r.batch_id: r.inference_ms for r in results}
+            for entry, _ in waits.values():  # the last request to give up on an entry drops it before compute
+                entry.num_waiters -= 1
+                if entry.num_waiters == 0 and not entry.future.done():
+                    entry.future.cancel()
+        results = dict(zip(waits, outcomes, strict=True))
+        for i in range(len(tokenized)):
+            if vectors[i] is None:
+                vectors[i] = results[self._wait_key(i, keys)].vector
+        computed = list(results.values())
+        batches = {r.batch_id: r.inference_ms for r in computed}
         usage = Usage(
             num_tokens=num_tokens,
-            queue_ms=max(r.queue_ms for r in results),
+            queue_ms=max((r.queue_ms for r in computed), default=0.0),
             inference_ms=sum(batches.values()),
             num_batches=len(batches),
-            compute_ns=tokenize_ns + sum(r.compute_ns for r in results),
+            compute_ns=tokenize_ns + sum(r.sharer_ns[waits[k][1]] for k, r in results.items()),
+            num_cached=num_cached,
         )
-        self.accounts.record_request(client_name, ref, len(tokenized), num_tokens)
-        return EmbedResult(ref, np.stack([r.vector for r in results]), usage, truncated)
+        self.accounts.record_request(client_name, ref, len(tokenized), num_tokens, num_cached)
+        return EmbedResult(ref, np.stack(vectors), usage, truncated)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _wait_key(index: int, keys: list[bytes | None]) -> bytes | int:
+        """Requests wait per distinct entry: a cache key, or the text's index when it has none."""
+        key = keys[index]
+        return key if key is not None else index
+
+    def _join_or_submit(
+        self,
+        ref: ModelRef,
+        runner: ModelRunner,
+        tokenized: list[Tokenized],
+        keys: list[bytes | None],
+        vectors: list[np.ndarray | None],
+        now_s: float,
+        deadline_s: float,
+        client_name: str,
+        weight: float,
+        interactive: bool,
+    ) -> dict[bytes | int, tuple[Entry, int]]:
+        """The entries this request waits for, each with this request's slot among its sharers.
+
+        Texts already queued or computing for another request (same cache key) join that entry;
+        the rest become new entries, submitted all at once (all or none). Nothing here awaits, so
+        the joins and the submit are atomic with respect to other requests.
+        """
+        loop = asyncio.get_running_loop()
+        inflight = self._inflight[ref]
+        joins: dict[bytes | int, Entry] = {}
+        new: dict[bytes | int, Entry] = {}
+        for i, t in enumerate(tokenized):
+            if vectors[i] is not None:
+                continue
+            wait_key = self._wait_key(i, keys)
+            if wait_key in joins or wait_key in new:
+                continue  # the same text twice in one request: one entry
+            existing = inflight.get(wait_key) if isinstance(wait_key, bytes) else None
+            if existing is not None and not existing.future.done():
+                joins[wait_key] = existing
+            else:
+                entry = Entry(t.ids, now_s, deadline_s, loop.create_future(), client_name, weight, interactive)
+                entry.key = wait_key if isinstance(wait_key, bytes) else None
+                entry.sharers.append(client_name)
+                new[wait_key] = entry
+        if new:
+            runner.submit(list(new.values()))  # raises Overloaded / RateLimited: nothing joined yet
+        waits: dict[bytes | int, tuple[Entry, int]] = {}
+        for wait_key, entry in joins.items():
+            entry.num_waiters += 1
+            entry.deadline_s = max(entry.deadline_s, deadline_s)
+            entry.sharers.append(client_name)
+            waits[wait_key] = (entry, len(entry.sharers) - 1)
+        if joins and self.cache is not None:
+            self.cache.num_deduplicated += len(joins)
+        for wait_key, entry in new.items():
+            waits[wait_key] = (entry, 0)
+            if entry.key is not None:
+                inflight[entry.key] = entry
+                entry.future.add_done_callback(functools.partial(self._entry_done, ref, entry))
+        return waits
+
+    def _entry_done(self, ref: ModelRef, entry: Entry, fut: asyncio.Future[EntryResult]) -> None:
+        """Leave the in-flight table, and fill the cache with a computed vector."""
+        assert entry.key is not None
+        if self._inflight[ref].get(entry.key) is entry:
+            del self._inflight[ref][entry.key]
+        if self.cache is None or fut.cancelled() or fut.exception() is not None:
+            return
+        pending = self._pending_fills.setdefault(ref, [])
+        pending.append((entry.key, fut.result().vector))
+        if len(pending) == 1:  # one fill per batch delivered, not one per text
+            asyncio.get_running_loop().call_soon(self._flush_fills, ref)
+
+    def _flush_fills(self, ref: ModelRef) -> None:
+        pending = self._pending_fills.pop(ref, [])
+        if pending and self.cache is not None:
+            keys, vecs = zip(*pending, strict=True)
+            task = asyncio.ensure_future(self.cache.fill(ref, list(keys), list(vecs)))
+            self._fill_tasks.add(task)
+            task.add_done_callback(self._fill_tasks.discard)
 
     async def _tokenize(self, backend: Backend, texts: Sequence[str]) -> list[Tokenized]:
         if len(texts) <= INLINE_TOKENIZE_MAX_TEXTS:
             return backend.tokenize(texts)
         return await asyncio.to_thread(backend.tokenize, texts)
+
+
+def _normalization(backend: Backend) -> str:
+    """Part of the cache key: whether the version's vectors are L2-normalized."""
+    model_dir = getattr(backend, "model_dir", None)
+    return "l2" if model_dir is None or getattr(model_dir, "normalize", True) else "none"
 
 
 def _version_key(ref: ModelRef) -> tuple[int, int | str]:

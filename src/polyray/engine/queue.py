@@ -26,6 +26,7 @@ class EntryResult:
     inference_ms: float
     batch_id: int
     compute_ns: int  # this entry's share of its batch's measured compute
+    sharer_ns: tuple[int, ...] = ()  # that share split equally over ``Entry.sharers`` (dedup)
 
 
 @dataclass(eq=False)
@@ -37,6 +38,12 @@ class Entry:
     client: str = ""
     weight: float = 1.0
     interactive: bool = False
+    # In-flight dedup (cache on): the cache key, the clients of every request that receives this
+    # entry's vector (the owner first; the compute is split equally among them), and how many
+    # requests still wait for it (the last one to leave cancels it before compute).
+    key: bytes | None = None
+    sharers: list[str] = field(default_factory=list)
+    num_waiters: int = 1
 
     @property
     def num_tokens(self) -> int:

@@ -37,7 +37,7 @@ from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.observer import EngineObserver
 from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded
-from polyray.tenancy.costs import split_batch_compute
+from polyray.tenancy.costs import split_batch_compute, split_exact
 from polyray.types import ModelRef
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,14 @@ class ModelRunner:
         clock: Callable[[], float] = time.monotonic,
         fairness: FairnessPolicy | None = None,
         charge: ChargeSink | None = None,
+        on_compute: Callable[[int, int], None] | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
         self.policy = policy
         self.fairness = fairness or FairnessPolicy()
         self.charge = charge
+        self.on_compute = on_compute  # (compute_ns, num_entries) per batch: the cache tuner's cost of a miss
         self.queue = EntryQueue(max_queue_entries, self.fairness.max_client_queue_fraction)
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
@@ -237,17 +239,24 @@ class ModelRunner:
         lengths = [e.num_tokens for e in batch]
         shares_ns = split_batch_compute(compute_ns, lengths, self.backend.padding_free)
         self.measured_compute_ns += compute_ns
-        if self.charge is not None:
-            for entry, share_ns in zip(batch, shares_ns, strict=True):
-                self.charge(entry.client, share_ns)
+        sharer_ns: list[tuple[int, ...]] = []
+        for entry, share_ns in zip(batch, shares_ns, strict=True):
+            sharers = entry.sharers or [entry.client]
+            parts = tuple(split_exact(share_ns, [1] * len(sharers)))
+            sharer_ns.append(parts)
+            if self.charge is not None:
+                for client, part_ns in zip(sharers, parts, strict=True):
+                    self.charge(client, part_ns)
+        if self.on_compute is not None and compute_ns:
+            self.on_compute(compute_ns, len(batch))
         num_abandoned = 0
-        for entry, row, waited_ms, share_ns in zip(batch, rows, queue_ms, shares_ns, strict=True):
+        for entry, row, waited_ms, share_ns, parts in zip(batch, rows, queue_ms, shares_ns, sharer_ns, strict=True):
             if entry.future.done():
                 num_abandoned += 1  # the caller left while its batch computed
             elif isinstance(row, BaseException):
                 entry.future.set_exception(BackendError(f"the model failed on this input: {row}"))
             else:
-                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id, share_ns))
+                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id, share_ns, parts))
         if num_abandoned:
             self.observer.on_dropped(self.ref, "abandoned_after_compute", num_abandoned)
         self.observer.on_batch(self.ref, len(batch), max(lengths) * len(batch), sum(lengths), queue_ms, inference_ms)

@@ -6,7 +6,12 @@ never imports prometheus_client itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from polyray.tenancy.ledger import UsageRecord
 from polyray.types import ModelRef
@@ -71,10 +76,16 @@ class Metrics:
         self.client_requests = Counter(
             "polyray_client_requests", "Answered requests per client", ["client", "model"], registry=r
         )
-        self.client_tokens = Counter("polyray_client_tokens", "Input tokens per client", ["client", "model"], registry=r)
+        self.client_tokens = Counter(
+            "polyray_client_tokens", "Input tokens per client", ["client", "model"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_cache(self, report: Callable[[], dict[str, Any] | None]) -> None:
+        """Export the cache's counters and the tuner's decision, read at scrape time."""
+        self.registry.register(_CacheCollector(report))
 
     def on_usage(self, rec: UsageRecord) -> None:
         """Every usage record the engine charges (the ledger gets the same records)."""
@@ -110,3 +121,52 @@ class Metrics:
 
     def on_dropped(self, model: ModelRef, reason: str, num_entries: int) -> None:
         self.dropped.labels(str(model), reason).inc(num_entries)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, report: Callable[[], dict[str, Any] | None]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._report()
+        if report is None:
+            return
+        lookups = CounterMetricFamily(
+            "polyray_cache_lookups", "Cache lookups by the tier that answered", labels=["model", "tier"]
+        )
+        local_bytes = GaugeMetricFamily("polyray_cache_local_bytes", "Bytes held by the local tier", labels=["model"])
+        capacity = GaugeMetricFamily(
+            "polyray_cache_local_capacity_bytes", "Local tier capacity (tuner's choice)", labels=["model"]
+        )
+        expected = GaugeMetricFamily(
+            "polyray_cache_expected_hit_ratio", "Hit ratio the tuner expects", labels=["model"]
+        )
+        saving = GaugeMetricFamily(
+            "polyray_cache_expected_saving_per_s",
+            "Compute cost the tuner expects the cache to save, per second",
+            labels=["model"],
+        )
+        for model, m in report["models"].items():
+            lookups.add_metric([model, "local"], m["local_hits"])
+            lookups.add_metric([model, "shared"], m["shared_hits"])
+            lookups.add_metric([model, "miss"], m["misses"])
+            local_bytes.add_metric([model], m["local"]["bytes_used"])
+            capacity.add_metric([model], m["local"]["capacity_bytes"])
+            if m["decision"] is not None:
+                expected.add_metric([model], m["decision"]["expected_hit_ratio"])
+                saving.add_metric([model], m["decision"]["expected_saving_per_s"])
+        yield from (lookups, local_bytes, capacity, expected, saving)
+        dedup = CounterMetricFamily(
+            "polyray_cache_deduplicated", "Texts that joined an identical in-flight computation"
+        )
+        dedup.add_metric([], report["deduplicated_texts"])
+        yield dedup
+        shared = report["shared"]
+        if shared is not None:
+            errors = CounterMetricFamily("polyray_cache_redis_errors", "Redis calls that failed (served without it)")
+            errors.add_metric([], shared["num_errors"])
+            up = GaugeMetricFamily("polyray_cache_redis_up", "1 while the shared tier is reachable")
+            up.add_metric([], 1.0 if shared["up"] else 0.0)
+            reconnects = CounterMetricFamily("polyray_cache_redis_reconnects", "Shared tier down -> up transitions")
+            reconnects.add_metric([], shared["num_reconnects"])
+            yield from (errors, up, reconnects)

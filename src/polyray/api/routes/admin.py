@@ -1,4 +1,4 @@
-"""Admin API (admin key only): create, list, show, change, disable clients and rotate their keys.
+"""Admin API (admin key only): clients (create, list, show, change, disable, rotate keys) and the cache report.
 
 Writes go to the database through ``ClientStore`` (in a thread) and then refresh this server's
 directory at once, so a disabled client is refused from the next request on.
@@ -90,3 +90,12 @@ async def rotate_key(request: Request, name: str) -> Response:
     key = await asyncio.to_thread(tenancy.store.rotate_key, name)
     await tenancy.directory.refresh()
     return _json({"name": name, "api_key": key})
+
+
+@router.get("/cache")
+async def cache_report(request: Request) -> Response:
+    """Per model version: hits by tier, the local tier's shape, and the tuner's curve and decision."""
+    require_admin(request)
+    state: AppState = request.app.state.polyray
+    report = state.engine.cache_report()
+    return _json(report if report is not None else {"enabled": False})
