@@ -118,7 +118,12 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    config = write_config(tmp_path, DUMMY_MODEL)
+    # Keys are off for these tests (allowed on loopback only); tests/e2e/test_cli_tenancy.py covers them.
+    tenancy = (
+        f'[tenancy]\nauth = "none"\ndatabase_url = "sqlite:///{tmp_path}/polyray.db"\n'
+        f'spool_path = "{tmp_path}/usage-spool.jsonl"\n'
+    )
+    config = write_config(tmp_path, tenancy + DUMMY_MODEL)
     port = free_port()
     proc = subprocess.Popen(
         # info: uvicorn then logs its lifespan steps, which show the shutdown was graceful.

@@ -28,6 +28,7 @@ from polyray.config import ModelConfig, ServerConfig, Settings, parse_settings
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
+from polyray.engine.runner import FairnessPolicy
 from polyray.observability.metrics import Metrics
 from polyray.types import ModelRef
 
@@ -323,7 +324,14 @@ async def test_queue_full_is_503_with_retry_after() -> None:
     server = ServerConfig(max_items=2, max_body_bytes=MAX_BODY_BYTES, max_queue_items=4)
     backend = DummyBackend(seconds_per_token=0.005)  # a batch of two 10-token texts: 0.1 s
     metrics = Metrics()
-    engine = Engine({REF: backend}, BatchPolicy(max_batch_size=2, max_wait_ms=0.0), server, observer=metrics)
+    # Every caller here is the one anonymous client: no per-client queue cap, so the whole queue is its.
+    engine = Engine(
+        {REF: backend},
+        BatchPolicy(max_batch_size=2, max_wait_ms=0.0),
+        server,
+        observer=metrics,
+        fairness=FairnessPolicy(max_client_queue_fraction=1.0),
+    )
     settings = Settings(server=server, models=(ModelConfig(backend="dummy"),))
     texts = [[f"request {i} text {j} one two three four" for j in range(2)] for i in range(12)]
     async with serving(settings, engine=engine, metrics=metrics) as served:

@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 
 from polyray.api.app import create_app
+from polyray.cache.config import CacheConfig
 from polyray.config import Settings
 from polyray.engine.build import build_engine
 from polyray.observability.metrics import Metrics
@@ -35,7 +36,7 @@ def server_url() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = Settings()
+    settings = Settings(cache=CacheConfig(enabled=False))  # these tests check the model path, not cache hits
     metrics = Metrics()
     app = create_app(build_engine(settings, observer=metrics), settings, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

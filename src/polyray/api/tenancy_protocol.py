@@ -24,7 +24,7 @@ class QuotaFields(BaseModel):
 
 class CreateClient(QuotaFields):
     name: str
-    priority: PriorityClass = PriorityClass.BATCH
+    priority: PriorityClass = Field(default=PriorityClass.BATCH, strict=False)  # JSON sends the value as a string
     share: float = Field(default=1.0, gt=0)
 
     def quota(self) -> Quota:
@@ -34,7 +34,7 @@ class CreateClient(QuotaFields):
 class UpdateClient(QuotaFields):
     """Only the fields sent change; a quota sent as null becomes unlimited."""
 
-    priority: PriorityClass | None = None
+    priority: PriorityClass | None = Field(default=None, strict=False)
     share: float | None = Field(default=None, gt=0)
     disabled: bool | None = None
 

@@ -8,6 +8,7 @@ works in one step and an old one is migrated before serving.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -42,7 +43,13 @@ def open_database(url: str, upgrade: bool = True) -> Engine:
         kwargs["connect_args"] = {"timeout": 10}
     engine = sa.create_engine(url, **kwargs)
     if upgrade:
-        upgrade_schema(engine)
+        try:
+            upgrade_schema(engine)
+        except sa.exc.SQLAlchemyError:
+            # Another process (a second replica, `polyray clients` beside `polyray serve`) may be
+            # creating the same schema right now; once it has, our upgrade is a no-op.
+            time.sleep(1.0)
+            upgrade_schema(engine)
     return engine
 
 

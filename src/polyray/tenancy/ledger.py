@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -130,8 +130,11 @@ def apply_batch(engine: Engine, batch: UsageBatch) -> bool:
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         marker = insert(usage_batches).values(batch_id=batch.batch_id, applied_at=datetime.now(UTC))
-        done = conn.execute(marker.on_conflict_do_nothing(index_elements=["batch_id"]))
-        if done.rowcount == 0:
+        # RETURNING, not rowcount: psycopg reports rowcount -1 for INSERT ... ON CONFLICT DO NOTHING.
+        done = conn.execute(
+            marker.on_conflict_do_nothing(index_elements=["batch_id"]).returning(usage_batches.c.batch_id)
+        )
+        if done.first() is None:
             return False
         for row in batch.rows:
             values = {
@@ -290,7 +293,7 @@ def compute_s_today(engine: Engine, now_wall_s: float | None = None) -> dict[str
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(usage.c.client, sa.func.sum(usage.c.compute_ns))
-            .where(usage.c.minute >= day_start)
+            .where(usage.c.minute >= day_start, usage.c.minute < day_start + timedelta(days=1))
             .group_by(usage.c.client)
         )
         return {client: int(ns or 0) / 1e9 for client, ns in rows}

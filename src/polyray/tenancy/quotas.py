@@ -40,10 +40,17 @@ class TokenBucket:
         if math.isnan(self.updated_s) or now_s > self.updated_s:
             self.updated_s = now_s
 
-    def wait_s(self, now_s: float) -> float:
-        """0 when a request may take from the bucket now, else the seconds until it may."""
+    def wait_s(self, now_s: float, need: float = 0.0) -> float:
+        """0 when the bucket holds more than ``need`` now, else the seconds until it will.
+
+        ``need`` 0 allows debt (tokens/s: a large request passes when the bucket is not empty);
+        ``need`` 1 does not (requests/s: each request takes a whole token).
+        """
         self._refill(now_s)
-        return 0.0 if self.level > 0 else -self.level / self.rate_per_s + 1e-9
+        if (self.level >= need) if need > 0 else (self.level > 0):
+            return 0.0
+        # With debt allowed the bucket must be strictly positive: step just past the instant it is 0.
+        return (need - self.level) / self.rate_per_s + (0.0 if need > 0 else 1e-9)
 
     def take(self, amount: float, now_s: float) -> None:
         self._refill(now_s)
@@ -121,7 +128,7 @@ class QuotaTracker:
                 retry_after_s=(day + 1) * SECONDS_PER_DAY - now_wall_s,
             )
         if state.requests is not None:
-            wait_s = state.requests.wait_s(now_s)
+            wait_s = state.requests.wait_s(now_s, need=1.0)
             if wait_s > 0:
                 raise RateLimited(
                     f"client {client.name!r} is over its requests_per_s={quota.requests_per_s:g}",

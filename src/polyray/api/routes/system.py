@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from polyray.api.auth import principal
 from polyray.api.state import AppState
 
 router = APIRouter()
@@ -21,6 +22,7 @@ def _json(body: object, status: int = 200) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
+    principal(request)  # any valid key (client or admin); probes use /healthz and /readyz
     state: AppState = request.app.state.polyray
     infos = state.engine.models()
     newest = {info.ref.name: info.ref for info in infos}  # models() is sorted: the last one wins
