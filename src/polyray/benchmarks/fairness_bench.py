@@ -51,12 +51,14 @@ class FairnessOptions:
 @dataclass
 class PhaseResult:
     latencies_ms: list[float] = field(default_factory=list)
+    sent_at_s: list[float] = field(default_factory=list)  # when each answered request was sent, from the phase start
     statuses: dict[int, int] = field(default_factory=dict)
 
-    def add(self, status: int, latency_s: float) -> None:
+    def add(self, status: int, latency_s: float, sent_at_s: float = 0.0) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if status == 200:
             self.latencies_ms.append(latency_s * 1000)
+            self.sent_at_s.append(sent_at_s)
 
     def p(self, q: float) -> float:
         return percentile(self.latencies_ms, q)
@@ -148,11 +150,13 @@ async def _open_loop(pool: Pool, bodies: list[bytes], rate_per_s: float, duratio
     """Send ``bodies`` in order at ``rate_per_s`` for ``duration_s``, not waiting for answers."""
     tasks: list[asyncio.Task[None]] = []
 
-    async def one(body: bytes) -> None:
-        status, latency_s = await pool.post(body)
-        out.add(status, latency_s)
-
     started = time.perf_counter()
+
+    async def one(body: bytes) -> None:
+        sent_at_s = time.perf_counter() - started
+        status, latency_s = await pool.post(body)
+        out.add(status, latency_s, sent_at_s)
+
     for i, body in enumerate(bodies):
         due = started + i / rate_per_s
         if due - started >= duration_s:

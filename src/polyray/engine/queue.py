@@ -101,14 +101,18 @@ class EntryQueue:
         """The first ``limit`` entries in fair order (the batcher looks at a window, not a flood),
         and their positions in the queue (for ``take``).
 
-        When the head entry is interactive, only interactive entries are candidates: an interactive
-        request's batch is not slowed by batch-class entries riding along (they get batches of their
-        own, capped while interactive traffic is recent; see ``ModelRunner``).
+        When the window holds an interactive entry, only interactive entries are candidates: an
+        interactive request's batch is neither slowed by batch-class entries riding along nor split
+        across batches by the batch-class entries its fair tags interleave with. The inversion is
+        bounded: a batch-class entry ahead in the window waits one batch more, and only entries
+        within the window may go first. Batch-class batches are capped while interactive traffic
+        is recent (see ``ModelRunner``).
         """
         limit = len(self._fair) if limit is None else limit
         if not len(self._fair):
             return [], []
-        interactive_only = self._fair[0].item.interactive
+        window = min(limit, len(self._fair))
+        interactive_only = any(self._fair[i].item.interactive for i in range(window))
         candidates: list[Candidate] = []
         positions: list[int] = []
         for i, tagged in enumerate(self._fair):

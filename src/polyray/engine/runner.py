@@ -12,8 +12,9 @@ alone get ``BackendError``, and the loop keeps serving.
 Fair share: the queue is in weighted-fair order across clients (``queue``). A forward pass cannot
 be preempted, so an interactive client's request that arrives during a batch waits for it; while
 interactive traffic is recent (``interactive_window_s``), batches led by batch-class entries are
-capped at ``interactive_budget_tokens`` to bound that wait, and batches led by an interactive
-entry hold interactive entries only (full budget), so they run as fast as with no flood at all.
+capped at ``interactive_budget_tokens`` to bound that wait, and while interactive entries are
+within the batcher's window a batch holds interactive entries only (full budget), so they run
+as fast as with no flood at all (``EntryQueue.candidates``).
 
 Cost: each batch's compute (worker wall time, integer ns) is split over its entries by padded
 tokens (``tenancy.costs``) and charged to their clients through ``charge`` as it is measured,
@@ -51,7 +52,7 @@ ChargeSink = Callable[[str, int], None]
 class FairnessPolicy:
     """How the runner protects interactive clients from batch-class floods (see module docstring)."""
 
-    interactive_budget_tokens: int = 512
+    interactive_budget_tokens: int = 256
     interactive_window_s: float = 2.0
     max_client_queue_fraction: float = 0.5
 
