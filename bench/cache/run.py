@@ -23,14 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from polyray.cache import sim
-from polyray.cache.local import ENTRY_OVERHEAD_BYTES
+from polyray.cache.sim import VALUE_BYTES
+from polyray.cache.tuner import policy_label
 
-VALUE_BYTES = 1 + 2 * 384
-KEY_BYTES = 16
-ENTRY_BYTES = KEY_BYTES + VALUE_BYTES + ENTRY_OVERHEAD_BYTES
 NUM_ITEMS = 100_000  # the Zipf catalogue
 
 
@@ -58,44 +54,32 @@ def synthetic(num_refs: int) -> dict[str, tuple[str, Callable[[], sim.Trace]]]:
     }
 
 
-def static_top_c(keys: np.ndarray, capacity_entries: int) -> float:
-    _, counts = np.unique(keys, return_counts=True)
-    top = np.sort(counts)[::-1][:capacity_entries]
-    return float((top - 1).sum() / len(keys))
-
-
 def evaluate(name: str, description: str, trace: sim.Trace, memory_fraction: float) -> dict[str, object]:
-    keys, _ = trace
-    key_list = keys.tolist()
-    num_distinct = len(np.unique(keys))
-    entries = max(1, int(num_distinct * memory_fraction))
-    memory_bytes = entries * ENTRY_BYTES
     started = time.perf_counter()
-    lru = sim.lru_hit_ratio(key_list, entries)
-    opt = sim.belady_hit_ratio(key_list, entries)
-    tuned = sim.tuned_hit_ratio(trace, memory_bytes, VALUE_BYTES)
+    cmp = sim.compare_at_equal_memory(trace, memory_fraction, value_bytes=VALUE_BYTES)
+    tuned = cmp.tuned
     last = tuned.decisions[-1] if tuned.decisions else None
-    admissions = [d.admission for d in tuned.decisions]
     return {
         "trace": name,
         "description": description,
-        "num_refs": len(keys),
-        "num_distinct": num_distinct,
-        "memory_entries": entries,
-        "memory_bytes": memory_bytes,
-        "lru": lru,
+        "num_refs": cmp.num_refs,
+        "num_distinct": cmp.num_distinct,
+        "memory_entries": cmp.memory_entries,
+        "memory_bytes": cmp.memory_bytes,
+        "lru": cmp.lru,
         "tuned": tuned.hit_ratio,
-        "belady": opt,
-        "static_top_c": static_top_c(keys, entries),
-        "tuned_over_belady": tuned.hit_ratio / opt if opt else 0.0,
-        "tuned_over_lru": tuned.hit_ratio / lru if lru else 0.0,
+        "belady": cmp.belady,
+        "static_top_c": cmp.static_top_c,
+        "tuned_over_belady": tuned.hit_ratio / cmp.belady if cmp.belady else 0.0,
+        "tuned_over_lru": tuned.hit_ratio / cmp.lru if cmp.lru else 0.0,
         "filter_bytes": tuned.filter_bytes,
-        "decisions": admissions,
+        "decisions": [policy_label((d.admission, d.window_fraction)) for d in tuned.decisions],
         "last_decision": None
         if last is None
         else {
             "capacity_bytes": last.capacity_bytes,
             "admission": last.admission,
+            "window_fraction": last.window_fraction,
             "ttl_s": last.ttl_s,
             "expected_hit_ratio": round(last.expected_hit_ratio, 4),
             "expected_saving_per_s": last.expected_saving_per_s,
@@ -123,7 +107,8 @@ def print_row(r: dict[str, object]) -> None:
     print(f"   admissions chosen over the run: {' '.join(str(a) for a in decisions)}")
     if isinstance(d, dict):
         print(
-            f"   last decision: {d['admission']}, {d['capacity_bytes']} bytes, ttl {d['ttl_s']}, "
+            f"   last decision: {policy_label((str(d['admission']), float(d['window_fraction'])))}, "
+            f"{d['capacity_bytes']} bytes, ttl {d['ttl_s']}, "
             f"expected hit ratio {d['expected_hit_ratio']}, saving {d['expected_saving_per_s']:.3g}/s, "
             f"sample rate {d['sample_rate']}"
         )

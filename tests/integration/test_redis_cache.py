@@ -97,7 +97,7 @@ async def test_a_closed_port_is_a_miss_and_backs_off() -> None:
     assert tier.stats().num_errors == 1 and tier.stats().num_skipped == 2
     now[0] = 1.5
     assert await tier.get_many([b"k" * 16]) == [None]  # probe fails: backoff doubles
-    assert tier.stats().num_errors == 2 and tier.stats().backoff_s == 4.0
+    assert tier.stats().num_errors == 2 and tier.stats().backoff_s == 2.0
     await tier.close()
 
 

@@ -24,7 +24,10 @@ class CacheConfig:
     redis_url: str | None = None
     redis_ttl_s: float = 24 * 3600.0
     ttl_s: float | None = None  # local tier; None: entries leave only by eviction
-    admission: str = "tinylfu"  # until the first retune
+    # Until the first retune. "always": a text's second request is a hit. The frequency filters
+    # (doorkeeper, W-TinyLFU) turn the first repeat away, which costs more than it saves until the
+    # tuner has seen enough of the stream to show one-hit wonders crowd the cache.
+    admission: str = "always"
     # Defaults near cloud list prices: a CPU core at about $0.043 an hour, RAM at $0.005 per
     # GiB-hour. Only their ratio matters to the tuner.
     compute_price_per_s: float = 1.2e-5

@@ -184,6 +184,7 @@ class LocalStats:
     capacity_bytes: int
     admission: str
     ttl_s: float | None
+    window_fraction: float  # of the entries' memory, for tinylfu's window
 
 
 # One entry: (value, charged bytes, expiry on the injected clock).
@@ -229,7 +230,14 @@ class LocalCache:
         self._configure(capacity_bytes, admission, ttl_s, window_fraction)
 
     # -- configuration ---------------------------------------------------------------------
-    def _configure(self, capacity_bytes: int, admission: str, ttl_s: float | None, window_fraction: float) -> None:
+    def _configure(
+        self,
+        capacity_bytes: int,
+        admission: str,
+        ttl_s: float | None,
+        window_fraction: float,
+        keep_filters: bool = False,
+    ) -> None:
         if admission not in ADMISSIONS:
             raise ValueError(f"admission {admission!r} is not one of {', '.join(ADMISSIONS)}")
         if capacity_bytes < 0:
@@ -242,14 +250,15 @@ class LocalCache:
         self.admission = cast(Admission, admission)
         self.ttl_s = ttl_s
         self.window_fraction = window_fraction
-        expected_entries = max(1, capacity_bytes // self._expected_entry_bytes)
-        self._sketch = FrequencySketch(expected_entries) if admission == "tinylfu" else None
-        if admission == "doorkeeper":
-            self._doorkeeper_reset = max(16, SAMPLE_FACTOR * expected_entries)
-            self._doorkeeper = BloomFilter(8 * self._doorkeeper_reset)
-            self._doorkeeper_additions = 0
-        else:
-            self._doorkeeper = None
+        if not keep_filters:
+            expected_entries = max(1, capacity_bytes // self._expected_entry_bytes)
+            self._sketch = FrequencySketch(expected_entries) if admission == "tinylfu" else None
+            if admission == "doorkeeper":
+                self._doorkeeper_reset = max(16, SAMPLE_FACTOR * expected_entries)
+                self._doorkeeper = BloomFilter(8 * self._doorkeeper_reset)
+                self._doorkeeper_additions = 0
+            else:
+                self._doorkeeper = None
         entries_bytes = max(0, capacity_bytes - self.filter_bytes)
         if admission == "tinylfu":
             self._window_max = int(entries_bytes * window_fraction)
@@ -272,6 +281,8 @@ class LocalCache:
 
         The frequency filters are rebuilt empty when capacity or policy changes: their size
         follows capacity, and counts from another policy's period would mislead admission.
+        A new TTL or window fraction alone keeps the filters and the entries' segments (the
+        window's oldest entries move to main when it shrinks; main's oldest leave when it does).
         A new TTL applies from each entry's next access.
         """
         new_capacity = self.capacity_bytes if capacity_bytes is None else capacity_bytes
@@ -285,8 +296,9 @@ class LocalCache:
             self.window_fraction,
         ):
             return
-        if (new_capacity, new_admission, new_window) == (self.capacity_bytes, self.admission, self.window_fraction):
-            self._configure(new_capacity, new_admission, new_ttl, new_window)  # TTL only: keep filters
+        if (new_capacity, new_admission) == (self.capacity_bytes, self.admission):
+            self._configure(new_capacity, new_admission, new_ttl, new_window, keep_filters=True)
+            self._rebalance()
             return
         # Recency order, least recent first: protected and probation are older than the window.
         entries = [*self._protected.items(), *self._probation.items(), *self._window.items()]
@@ -308,6 +320,30 @@ class LocalCache:
             self._probation[key] = entry
             self._index[key] = self._probation
             self._probation_bytes += entry[1]
+
+    def _rebalance(self) -> None:
+        """Fit the segments to their (new) maxima without losing more than the bytes demand."""
+        while self._window_bytes > self._window_max and self._window:
+            key, entry = self._window.popitem(last=False)
+            self._window_bytes -= entry[1]
+            self._probation[key] = entry
+            self._index[key] = self._probation
+            self._probation_bytes += entry[1]
+        while self._protected_bytes > self._protected_max and self._protected:
+            key, entry = self._protected.popitem(last=False)
+            self._protected_bytes -= entry[1]
+            self._probation[key] = entry
+            self._index[key] = self._probation
+            self._probation_bytes += entry[1]
+        while self._probation_bytes + self._protected_bytes > self._main_max:
+            seg = self._probation if self._probation else self._protected
+            key, entry = seg.popitem(last=False)
+            del self._index[key]
+            if seg is self._probation:
+                self._probation_bytes -= entry[1]
+            else:
+                self._protected_bytes -= entry[1]
+            self.num_evictions += 1
 
     # -- the hot path ----------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
@@ -494,4 +530,5 @@ class LocalCache:
             capacity_bytes=self.capacity_bytes,
             admission=self.admission,
             ttl_s=self.ttl_s,
+            window_fraction=self.window_fraction,
         )

@@ -36,7 +36,7 @@ class RedisTierStats:
     num_skipped: int  # calls answered without Redis because the tier was down
     num_reconnects: int  # down -> up transitions
     up: bool
-    backoff_s: float  # the wait after the next failure
+    backoff_s: float  # the current wait between probes (doubles per failed probe)
 
 
 class RedisTier:
@@ -96,8 +96,13 @@ class RedisTier:
                 result = await op()
         except Exception:  # noqa: BLE001 - any failure of the shared tier is a miss, never an error
             self.num_errors += 1
-            self._down_until_s = self._clock() + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2.0, self._backoff_max_s)
+            # One outage, one step: calls that were in flight together when Redis went away fail
+            # together and must not each double the wait. Only a failed probe (the outage goes on)
+            # doubles it.
+            if probe:
+                self._backoff_s = min(self._backoff_s * 2.0, self._backoff_max_s)
+            if probe or self._down_until_s is None:
+                self._down_until_s = self._clock() + self._backoff_s
             await self._drop_connections()
             return False, None
         finally:

@@ -105,7 +105,10 @@ class EngineCache:
         self.tuner.apply(decisions)
         for ref, decision in decisions.items():
             self.tiers[ref].local.reconfigure(
-                capacity_bytes=decision.capacity_bytes, admission=decision.admission, ttl_s=decision.ttl_s
+                capacity_bytes=decision.capacity_bytes,
+                admission=decision.admission,
+                ttl_s=decision.ttl_s,
+                window_fraction=decision.window_fraction,
             )
             log.info(
                 "cache %s: capacity %.1f MB, ttl %s, admission %s, expected hit ratio %.3f, saving %.3g/s (%s)",

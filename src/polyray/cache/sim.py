@@ -31,8 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from polyray.cache.config import CacheConfig
-from polyray.cache.local import LocalCache
+from polyray.cache.local import ENTRY_OVERHEAD_BYTES, LocalCache
 from polyray.cache.tuner import CacheDecision, CacheTuner
+
+KEY_BYTES = 16
+VALUE_BYTES = 1 + 2 * 384  # a 384-d fp16 vector and its codec header
+ENTRY_BYTES = KEY_BYTES + VALUE_BYTES + ENTRY_OVERHEAD_BYTES
 
 Trace = tuple[np.ndarray, np.ndarray]  # (int64 key ids, float64 times in seconds)
 
@@ -47,9 +51,7 @@ def _poisson_times(rng: np.random.Generator, num_refs: int, requests_per_s: floa
     return np.cumsum(rng.exponential(1.0 / requests_per_s, size=num_refs))
 
 
-def zipf_trace(
-    num_refs: int, num_items: int, alpha: float, *, requests_per_s: float = 500.0, seed: int = 0
-) -> Trace:
+def zipf_trace(num_refs: int, num_items: int, alpha: float, *, requests_per_s: float = 500.0, seed: int = 0) -> Trace:
     rng = np.random.default_rng(seed)
     ranks = rng.choice(num_items, size=num_refs, p=_zipf_probabilities(num_items, alpha))
     ids = rng.permutation(num_items)[ranks]  # popularity unrelated to the id
@@ -282,5 +284,56 @@ def tuned_hit_ratio(
         if tuner.due(t):
             d = tuner.retune(t)["m"]
             decisions.append(d)
-            cache.reconfigure(capacity_bytes=d.capacity_bytes, admission=d.admission, ttl_s=d.ttl_s)
+            cache.reconfigure(
+                capacity_bytes=d.capacity_bytes, admission=d.admission, ttl_s=d.ttl_s, window_fraction=d.window_fraction
+            )
     return TunedResult(hits / len(keys) if len(keys) else 0.0, tuple(decisions), cache.num_rejected, cache.filter_bytes)
+
+
+def static_top_c_hit_ratio(keys: np.ndarray, capacity_entries: int) -> float:
+    """In hindsight, cache the ``capacity_entries`` most referenced keys of the whole trace (each
+    misses once): about the best a frequency-based online policy can do on a stationary trace."""
+    _, counts = np.unique(keys, return_counts=True)
+    top = np.sort(counts)[::-1][:capacity_entries]
+    return float((top - 1).sum() / len(keys)) if len(keys) else 0.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Hit ratios of the three caches (and the hindsight top-C set) at one memory size."""
+
+    num_refs: int
+    num_distinct: int
+    memory_entries: int  # for LRU and Belady
+    memory_bytes: int  # for the tuned cache, filters included
+    lru: float
+    tuned: TunedResult
+    belady: float
+    static_top_c: float
+
+
+def compare_at_equal_memory(
+    trace: Trace,
+    memory_fraction: float = 0.05,
+    *,
+    value_bytes: int = VALUE_BYTES,
+    num_retunes: int = 10,
+    config: CacheConfig | None = None,
+) -> Comparison:
+    """LRU, the tuned ``LocalCache`` and Belady given the memory of ``memory_fraction`` of the
+    trace's distinct keys (entries of ``KEY_BYTES + value_bytes + ENTRY_OVERHEAD_BYTES``)."""
+    keys, _ = trace
+    key_list = keys.tolist()
+    num_distinct = len(np.unique(keys))
+    entries = max(1, int(num_distinct * memory_fraction))
+    memory_bytes = entries * (KEY_BYTES + value_bytes + ENTRY_OVERHEAD_BYTES)
+    return Comparison(
+        num_refs=len(key_list),
+        num_distinct=num_distinct,
+        memory_entries=entries,
+        memory_bytes=memory_bytes,
+        lru=lru_hit_ratio(key_list, entries),
+        tuned=tuned_hit_ratio(trace, memory_bytes, value_bytes, config=config, num_retunes=num_retunes),
+        belady=belady_hit_ratio(key_list, entries),
+        static_top_c=static_top_c_hit_ratio(keys, entries),
+    )

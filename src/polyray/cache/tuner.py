@@ -3,7 +3,8 @@
 Everything here but ``CacheTuner`` is pure (no clock, no I/O): ``tune`` takes a snapshot and
 prices and returns a ``CacheDecision``, so it runs in a worker thread and in tests alike.
 
-Cost per second of one model's cache, for capacity ``c``, admission ``a`` and TTL ``t``::
+Cost per second of one model's cache, for capacity ``c``, admission ``a`` (for W-TinyLFU with
+its window fraction, one of ``WINDOW_FRACTIONS``) and TTL ``t``::
 
     cost = λ · (1 - hit(c, a, t)) · price_per_miss  +  storage_price_per_byte_s · occupancy(c, t)
 
@@ -11,8 +12,10 @@ Cost per second of one model's cache, for capacity ``c``, admission ``a`` and TT
   compute second.
 - ``hit(c, a, t)`` comes from miniature simulations: the recent sampled references are replayed
   through the very ``LocalCache`` that serves, scaled down by the sampling rate (capacity
-  ``c · R``), once per admission policy and capacity on a doubling grid; the first half of the
-  replay warms the cache, the second half is measured. A TTL scales that by LRU's
+  ``c · R``), once per admission policy (W-TinyLFU once per window fraction) and capacity on a
+  doubling grid; the first half of the replay warms the cache, the second half is measured.
+  While every key is sampled (``R = 1``) the replay is the cache at its real size, and small
+  caches are simulated too. A TTL scales that by LRU's
   ``hit(c, t) / hit(c, ∞)`` from the SHARDS histogram (exact for LRU with a sliding TTL, an
   approximation for the filtered policies).
 - ``occupancy(c, t)`` = ``min(c, λ · E[min(next-use interval, t)] · entry_bytes)``: with no TTL
@@ -44,6 +47,11 @@ GIB = 1024**3
 # Simulate only where the scaled-down cache holds at least this many entries: below, the
 # miniature is too coarse to rank policies, and LRU's histogram answers alone.
 MIN_SIM_ENTRIES = 100  # W-TinyLFU's 1 % window holds one entry
+# ... unless nothing was scaled down: while every key is sampled (rate 1) the replay runs the
+# cache at its real size over the real recent references, and small caches are ranked as they
+# will behave. (A recorded live trace of 742 keys at 5 % memory, 37 entries: LRU 0.371,
+# doorkeeper 0.469; the tuner could only pick LRU while this was gated on MIN_SIM_ENTRIES.)
+MIN_FULL_SIZE_SIM_ENTRIES = 16
 MIN_SIM_REFS = 256
 WARMUP_FRACTION = 0.5  # of the replay, before hits are counted
 WARMUP_PER_ENTRY = 4  # warm-up references per entry of the scaled-down cache
@@ -53,8 +61,15 @@ TTL_QUANTILES = (0.5, 0.9, 0.99)
 # and sampling noise does not flip the policy back and forth.
 ADMISSION_MARGIN = 0.005
 ALLOCATION_UNITS = 512
+# W-TinyLFU window sizes the miniatures try (fraction of the entries' memory). 1 % is the paper's
+# default for stable popularity; bursts of new items want room to prove themselves (measured on
+# the bench's bursts trace at 5 % memory, fixed policy: 0.430 at 1 %, 0.440 at 10 %, 0.461 at
+# 30 %, 0.470 at 50 %; on plain Zipf 0.518 at 1 % falling to 0.511 at 50 %).
+WINDOW_FRACTIONS = (0.01, 0.1, 0.3, 0.5)
+WINDOW_SIM_POINTS = 1  # the largest simulated capacities, where the other windows are tried
 
 K = TypeVar("K", bound=Hashable)
+Policy = tuple[str, float]  # (admission, window fraction); the window matters to tinylfu only
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,16 @@ def _lru_hits_from_distances(distances: Sequence[int], capacity_entries: float, 
     return sum(1 for d in distances[start:] if 0 <= d < capacity_entries) / measured
 
 
+def _policy(admission: str, window_fraction: float) -> Policy:
+    """Only W-TinyLFU has a window: the other policies carry the default so they compare equal."""
+    return (admission, window_fraction if admission == "tinylfu" else DEFAULT_WINDOW_FRACTION)
+
+
+def policy_label(policy: Policy) -> str:
+    admission, window = policy
+    return f"tinylfu/w{window:g}" if admission == "tinylfu" else admission
+
+
 def plan(
     stats: SampleStats,
     prices: Prices,
@@ -158,11 +183,19 @@ def plan(
     entry_bytes: int,
     admissions: Sequence[str] = ADMISSIONS,
     current_admission: str | None = None,
+    window_fractions: Sequence[float] = WINDOW_FRACTIONS,
+    current_window_fraction: float = DEFAULT_WINDOW_FRACTION,
 ) -> list[CacheDecision]:
-    """The cheapest (admission, TTL) at each capacity of the grid, capacity 0 first.
+    """The cheapest (admission, window, TTL) at each capacity of the grid, capacity 0 first.
 
-    ``current_admission`` is kept unless another policy beats it by ``ADMISSION_MARGIN``:
-    switching rebuilds the filters, and sampling noise should not flip the policy back and forth.
+    W-TinyLFU is simulated once per window fraction in ``window_fractions``: a small window
+    suits a stable popular set (main, guarded by frequency, gets nearly all memory); bursts of
+    new items that are used a few times soon after they appear need a window big enough to hold
+    them until they have earned their place in main.
+
+    The current policy (``current_admission`` with ``current_window_fraction``) is kept unless
+    another beats it by ``ADMISSION_MARGIN``: switching rebuilds or reshapes the filters and
+    segments, and sampling noise should not flip the policy back and forth.
     """
     entry_bytes = max(1, entry_bytes)
     ceiling_entries = max(0, ceiling_bytes // entry_bytes)
@@ -175,6 +208,11 @@ def plan(
     distances = stack_distances(list(hashes)) if can_sim else []
     distinct_in_replay = len(set(hashes))
     ttl_options: list[float | None] = [None, *sorted(set(interval_quantiles_s(stats, list(TTL_QUANTILES))))]
+    policies: list[Policy] = []
+    for adm in admissions:
+        for w in window_fractions if adm == "tinylfu" else (DEFAULT_WINDOW_FRACTION,):
+            if _policy(adm, w) not in policies:
+                policies.append(_policy(adm, w))
 
     # LRU on the replay is exact at every capacity (one pass of stack distances). The filtered
     # policies are simulated at some grid points (the costly part) and elsewhere take their
@@ -184,97 +222,117 @@ def plan(
 
     # A miniature is trusted only where its warm-up is several times its size: a cache that
     # never fills in the replay ranks filtered policies (which need second sightings) too low.
+    min_sim_entries = MIN_FULL_SIZE_SIM_ENTRIES if rate >= 1.0 else MIN_SIM_ENTRIES
     sim_points = [
         c
         for c in grid
-        if can_sim and c * rate >= MIN_SIM_ENTRIES and c * rate * WARMUP_PER_ENTRY <= len(hashes) * WARMUP_FRACTION
+        if can_sim and c * rate >= min_sim_entries and c * rate * WARMUP_PER_ENTRY <= len(hashes) * WARMUP_FRACTION
     ]
     # Every point in the top octaves (where the decision usually lands), every other below.
     sim_points = sorted({*sim_points[-3:], *sim_points[-1::-2]})
-    ratios: dict[str, dict[int, float]] = {adm: {} for adm in admissions if adm != "always"}
+    # Windows other than the default are simulated at the top point only (where the decision
+    # lands; it keeps a retune's cost near that of one window): below them they have no estimate.
+    points: dict[Policy, list[int]] = {
+        p: sim_points if p[1] == DEFAULT_WINDOW_FRACTION else sim_points[-WINDOW_SIM_POINTS:]
+        for p in policies
+        if p[0] != "always"
+    }
+    ratios: dict[Policy, dict[int, float]] = {p: {} for p in points}
     for c in sim_points:
         lru = replay_lru(c)
         # Beyond the replay's distinct keys a bigger cache changes nothing.
         scaled = min(c * rate, distinct_in_replay + 1.0)
-        for adm in ratios:
-            h = simulate_hit_ratio(hashes, scaled, entry_bytes, adm)
-            ratios[adm][c] = h / lru if lru > 0 else 1.0
+        for (adm, window), at in points.items():
+            if c in at:
+                h = simulate_hit_ratio(hashes, scaled, entry_bytes, adm, window_fraction=window)
+                ratios[adm, window][c] = h / lru if lru > 0 else 1.0
 
-    def hit_at(adm: str, c: int) -> float | None:
-        if c not in sim_points and not any(p < c for p in sim_points):
+    def hit_at(policy: Policy, c: int) -> float | None:
+        at = points.get(policy, sim_points)
+        if c not in at and not any(p < c for p in at):
             return None  # below the smallest simulated size: no estimate for filtered policies
-        if adm == "always":
+        if policy[0] == "always":
             return replay_lru(c)
-        below = [p for p in sim_points if p <= c]
-        above = [p for p in sim_points if p >= c]
+        below = [p for p in at if p <= c]
+        above = [p for p in at if p >= c]
         lo = below[-1] if below else above[0]
         hi = above[0] if above else below[-1]
-        ratio = ratios[adm][lo]
+        ratio = ratios[policy][lo]
         if hi != lo:  # log-linear between the neighbouring simulated sizes
             w = math.log(c / lo) / math.log(hi / lo)
-            ratio = (1.0 - w) * ratios[adm][lo] + w * ratios[adm][hi]
+            ratio = (1.0 - w) * ratios[policy][lo] + w * ratios[policy][hi]
         return min(1.0, replay_lru(c) * ratio)
 
     curve: list[CurvePoint] = []
-    hits_by_capacity: list[dict[str, float]] = []
-    best_so_far: dict[str, float] = {}
+    hits_by_capacity: list[dict[Policy, float]] = []
+    best_so_far: dict[Policy, float] = {}
     for c in grid:
-        base: dict[str, float] = {}
+        base: dict[Policy, float] = {}
         if c > 0:
-            for adm in admissions:
-                estimate = hit_at(adm, c) if sim_points else None
+            for policy in policies:
+                estimate = hit_at(policy, c) if sim_points else None
                 if estimate is not None:
                     # More memory never hurts these policies: smooth out replay noise (a short
                     # replay can score a small cache above a large one) with a running maximum.
-                    best_so_far[adm] = base[adm] = max(estimate, best_so_far.get(adm, 0.0))
+                    best_so_far[policy] = base[policy] = max(estimate, best_so_far.get(policy, 0.0))
         if not base:
-            base = {"always": lru_hit_ratio(stats, c)}
+            base = {_policy("always", DEFAULT_WINDOW_FRACTION): lru_hit_ratio(stats, c)}
         hits_by_capacity.append(base)
-        curve.append(CurvePoint(c * entry_bytes, c, 1.0 - lru_hit_ratio(stats, c), tuple(sorted(base.items()))))
+        curve.append(
+            CurvePoint(
+                c * entry_bytes,
+                c,
+                1.0 - lru_hit_ratio(stats, c),
+                tuple(sorted((policy_label(p), h) for p, h in base.items())),
+            )
+        )
 
     best_per_capacity: list[CacheDecision] = []
     no_cache_cost = lam * prices.price_per_miss
+    current = _policy(current_admission or "always", current_window_fraction)
     for c, base in zip(grid, hits_by_capacity, strict=True):
         lru_inf = lru_hit_ratio(stats, c)
         # The policies in the running: the incumbent (or LRU), and any that beat it by the margin.
-        incumbent = current_admission if current_admission in base else "always"
+        incumbent = current if current in base else _policy("always", DEFAULT_WINDOW_FRACTION)
         if incumbent not in base:
             incumbent = next(iter(base))
-        running = [a for a in base if a == incumbent or base[a] >= base[incumbent] + ADMISSION_MARGIN]
-        options: list[tuple[float, float, str, float | None]] = []  # (cost, hit, admission, ttl)
-        for adm in running:
+        running = [p for p in base if p == incumbent or base[p] >= base[incumbent] + ADMISSION_MARGIN]
+        options: list[tuple[float, float, Policy, float | None]] = []  # (cost, hit, policy, ttl)
+        for policy in running:
             for ttl in ttl_options:
                 factor = lru_hit_ratio(stats, c, ttl) / lru_inf if (ttl is not None and lru_inf > 0) else 1.0
-                hit = min(1.0, base[adm] * factor) if c > 0 else 0.0
+                hit = min(1.0, base[policy] * factor) if c > 0 else 0.0
                 occupancy_bytes = min(float(c * entry_bytes), lam * mean_residency_s(stats, ttl) * entry_bytes)
                 cost = lam * (1.0 - hit) * prices.price_per_miss + prices.storage_price_per_byte_s * occupancy_bytes
-                options.append((cost, hit, adm, ttl))
+                options.append((cost, hit, policy, ttl))
         # Cheapest; on equal cost the earlier option (the incumbent or simpler policy, no TTL).
-        cost, hit, adm, ttl = min(options, key=lambda o: o[0])
+        cost, hit, policy, ttl = min(options, key=lambda o: o[0])
+        if c == 0:
+            policy = current  # no memory: nothing to choose; keep the current shape
         best_per_capacity.append(
             CacheDecision(
                 capacity_bytes=c * entry_bytes,
                 ttl_s=ttl,
-                admission=adm if c > 0 else (current_admission or "always"),
-                window_fraction=DEFAULT_WINDOW_FRACTION,
+                admission=policy[0],
+                window_fraction=policy[1],
                 expected_hit_ratio=hit,
                 expected_cost_per_s=cost,
                 expected_saving_per_s=no_cache_cost - cost,
                 requests_per_s=lam,
                 sample_rate=rate,
                 curve=tuple(curve),
-                reason=_reason(c, adm, ttl, base),
+                reason=_reason(c, policy, ttl, base),
             )
         )
     return best_per_capacity
 
 
-def _reason(capacity_entries: int, admission: str, ttl_s: float | None, base_hits: dict[str, float]) -> str:
+def _reason(capacity_entries: int, policy: Policy, ttl_s: float | None, base_hits: dict[Policy, float]) -> str:
     if capacity_entries == 0:
         return "no cache: storage costs more than the compute it would save"
-    ranked = ", ".join(f"{a} {h:.3f}" for a, h in sorted(base_hits.items(), key=lambda kv: -kv[1]))
+    ranked = ", ".join(f"{policy_label(p)} {h:.3f}" for p, h in sorted(base_hits.items(), key=lambda kv: -kv[1]))
     ttl = "no ttl" if ttl_s is None else f"ttl {ttl_s:.3g} s"
-    return f"{admission} at {capacity_entries} entries, {ttl}; simulated hit ratios: {ranked}"
+    return f"{policy_label(policy)} at {capacity_entries} entries, {ttl}; simulated hit ratios: {ranked}"
 
 
 def tune(
@@ -284,9 +342,20 @@ def tune(
     entry_bytes: int,
     admissions: Sequence[str] = ADMISSIONS,
     current_admission: str | None = None,
+    window_fractions: Sequence[float] = WINDOW_FRACTIONS,
+    current_window_fraction: float = DEFAULT_WINDOW_FRACTION,
 ) -> CacheDecision:
     """One model: the cheapest plan within the ceiling."""
-    options = plan(stats, prices, ceiling_bytes, entry_bytes, admissions, current_admission)
+    options = plan(
+        stats,
+        prices,
+        ceiling_bytes,
+        entry_bytes,
+        admissions,
+        current_admission,
+        window_fractions,
+        current_window_fraction,
+    )
     return min(options, key=lambda d: d.expected_cost_per_s)
 
 
@@ -350,8 +419,10 @@ class CacheTuner(Generic[K]):
         decay_per_retune: float = 0.5,
         admissions: Sequence[str] = ADMISSIONS,
         initial_admission: str | None = None,
+        window_fractions: Sequence[float] = WINDOW_FRACTIONS,
     ) -> None:
         self.initial_admission = initial_admission  # what the caches run until the first decision
+        self.window_fractions = tuple(window_fractions)
         self.ceiling_bytes = ceiling_bytes
         self.compute_price_per_s = compute_price_per_s
         self.storage_price_per_gib_hour = storage_price_per_gib_hour
@@ -424,6 +495,8 @@ class CacheTuner(Generic[K]):
                 entry_bytes,
                 self.admissions,
                 self.decisions[model].admission if model in self.decisions else self.initial_admission,
+                self.window_fractions,
+                self.decisions[model].window_fraction if model in self.decisions else DEFAULT_WINDOW_FRACTION,
             )
             for model, (stats, prices, entry_bytes) in snap.items()
         }

@@ -208,3 +208,72 @@ def test_doorkeeper_protects_keys_that_were_hit_from_a_wave_of_admissions() -> N
         c.put(k(1000 + i), VALUE)
     assert all(key in c for key in hot)
     assert sum(k(1000 + i) in c for i in range(300)) == len(c) - 20 > 40  # the wave filled the rest
+
+
+def test_changing_only_the_window_keeps_filters_and_entries() -> None:
+    c = lru(100, admission="tinylfu", window_fraction=0.5)
+    for _ in range(2):  # second sightings: admitted to the (big) window
+        for i in range(40):
+            if c.get(k(i)) is None:
+                c.put(k(i), VALUE)
+    assert c._window_bytes > 30 * ENTRY  # most of them still in the window
+    sketch = c._sketch
+    assert sketch is not None
+    counted = sketch.estimate(hash64(k(3)))
+    c.reconfigure(window_fraction=0.01)
+    assert c.window_fraction == 0.01 and c.stats().window_fraction == 0.01
+    assert c._sketch is sketch and sketch.estimate(hash64(k(3))) == counted  # frequencies survive
+    assert len(c) == 40 and all(k(i) in c for i in range(40))  # the window's overflow moved to main
+    assert c._window_bytes <= c._window_max
+    assert c._probation_bytes + c._protected_bytes <= c._main_max
+    # Growing the window shrinks main: main's least recent entries leave, nothing overflows.
+    full = lru(20, admission="tinylfu", window_fraction=0.01)
+    for _ in range(3):
+        for i in range(40):
+            if full.get(k(i)) is None:
+                full.put(k(i), VALUE)
+    before = {i for i in range(40) if k(i) in full}
+    evictions = full.num_evictions
+    full.reconfigure(window_fraction=0.9)
+    assert full._probation_bytes + full._protected_bytes <= full._main_max
+    assert full.bytes_used + full.filter_bytes <= full.capacity_bytes
+    after = {i for i in range(40) if k(i) in full}
+    assert after < before and full.num_evictions - evictions == len(before) - len(after)
+
+
+def test_a_ttl_change_alone_keeps_the_filters() -> None:
+    c = lru(50, admission="doorkeeper")
+    c.put(k(1), VALUE)  # first sighting: remembered by the doorkeeper, not admitted
+    door = c._doorkeeper
+    c.reconfigure(ttl_s=30.0)
+    assert c._doorkeeper is door
+    assert c.put(k(1), VALUE)  # the second sighting still counts as second
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["get", "put", "window"]), st.integers(0, 40), st.sampled_from([0.01, 0.1, 0.3, 0.5])
+        ),
+        max_size=300,
+    ),
+    st.integers(500, 3000),
+)
+def test_window_changes_mid_stream_keep_the_bounds(
+    operations: list[tuple[str, int, float]], capacity_bytes: int
+) -> None:
+    c = LocalCache(capacity_bytes, admission="tinylfu", entry_overhead_bytes=8)
+    value = bytes(50)
+    for op, i, window in operations:
+        if op == "put":
+            c.put(k(i), value)
+        elif op == "get":
+            assert c.get(k(i)) in (None, value)
+        else:
+            c.reconfigure(window_fraction=window)
+        assert c._window_bytes <= max(c._window_max, 0) or not c._window
+        assert c._probation_bytes + c._protected_bytes <= c._main_max
+        assert c.bytes_used + c.filter_bytes <= c.capacity_bytes
+        assert c.bytes_used == sum(e[1] for seg in (c._window, c._probation, c._protected) for e in seg.values())
+        assert len(c._index) == len(c._window) + len(c._probation) + len(c._protected)

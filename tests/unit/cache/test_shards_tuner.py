@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyray.cache import sim
+from polyray.cache.local import LocalCache
 from polyray.cache.shards import (
     ShardsSampler,
     dist_bucket,
@@ -20,7 +21,7 @@ from polyray.cache.shards import (
     miss_ratio_curve,
     stack_distances,
 )
-from polyray.cache.tuner import CacheTuner, Prices, allocate, plan, tune
+from polyray.cache.tuner import WINDOW_FRACTIONS, CacheTuner, Prices, allocate, plan, tune
 
 
 def naive_distances(keys: list[int]) -> list[int]:
@@ -251,3 +252,87 @@ def test_tuned_cache_beats_lru_with_one_hit_wonders() -> None:
     assert lru < result.hit_ratio <= opt
     assert len(result.decisions) >= 2
     assert all(d.capacity_bytes <= entries * entry_bytes for d in result.decisions)
+
+
+# -- the W-TinyLFU window ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_bursts() -> sim.Trace:
+    """Half the references to new items used a few times within seconds of appearing."""
+    return sim.burst_trace(40_000, 20_000, 0.9, 0.5, first_gap_s=0.5, gap_growth=1.3, seed=8)
+
+
+def test_bursts_of_new_items_get_a_bigger_window(short_bursts: sim.Trace) -> None:
+    entries = len(np.unique(short_bursts[0])) // 20
+    stats = sampled(short_bursts, 2048).snapshot()
+    decision = tune(stats, CHEAP_STORAGE, entries * ENTRY_BYTES, ENTRY_BYTES, ("tinylfu",), "tinylfu")
+    assert decision.admission == "tinylfu" and decision.window_fraction >= 0.3
+    assert "tinylfu/w0.01" in decision.reason and f"tinylfu/w{decision.window_fraction:g}" in decision.reason
+    # The miniatures' ranking holds at full size: the chosen window beats the 1 % one on the trace.
+    keys = short_bursts[0].tolist()
+
+    def full_size(window: float) -> float:
+        cache = LocalCache(entries * ENTRY_BYTES, admission="tinylfu", window_fraction=window)
+        hits = 0
+        for key in keys:
+            digest = hashlib.blake2b(int(key).to_bytes(8, "little"), digest_size=16).digest()
+            if cache.get(digest) is not None:
+                hits += 1
+            else:
+                cache.put(digest, bytes(ENTRY_BYTES - 16 - cache.entry_overhead_bytes))
+        return hits / len(keys)
+
+    assert full_size(decision.window_fraction) > full_size(0.01) + 0.02
+
+
+def test_a_stable_popular_set_keeps_the_small_window() -> None:
+    trace = sim.zipf_trace(40_000, 20_000, 0.9, seed=9)
+    entries = len(np.unique(trace[0])) // 20
+    stats = sampled(trace, 2048).snapshot()
+    decision = tune(stats, CHEAP_STORAGE, entries * ENTRY_BYTES, ENTRY_BYTES, ("tinylfu",), "tinylfu")
+    assert decision.admission == "tinylfu" and decision.window_fraction <= 0.1
+
+
+def test_windows_are_only_tried_for_tinylfu(short_bursts: sim.Trace) -> None:
+    stats = sampled(short_bursts, 2048).snapshot()
+    options = plan(stats, CHEAP_STORAGE, 1000 * ENTRY_BYTES, ENTRY_BYTES, ("always", "doorkeeper"))
+    assert {d.window_fraction for d in options} == {0.01}
+    top = plan(stats, CHEAP_STORAGE, 1000 * ENTRY_BYTES, ENTRY_BYTES)[-1]
+    labels = {label for label, _ in top.curve[-1].sim_hit_ratios}
+    assert labels == {"always", "doorkeeper", *(f"tinylfu/w{w:g}" for w in WINDOW_FRACTIONS)}
+
+
+def test_the_tuner_moves_to_a_better_window_and_keeps_a_near_equal_one(short_bursts: sim.Trace) -> None:
+    tuner: CacheTuner[str] = CacheTuner(
+        ceiling_bytes=500 * ENTRY_BYTES,
+        compute_price_per_s=1.2e-5,
+        storage_price_per_gib_hour=0.005,
+        retune_interval_s=10.0,
+        sample_max_keys=2048,
+        admissions=("tinylfu",),
+        initial_admission="tinylfu",
+    )
+    keys, times = short_bursts
+    for key, t in zip(keys.tolist(), times.tolist(), strict=True):
+        tuner.observe("m", hashlib.blake2b(int(key).to_bytes(8, "little"), digest_size=16).digest(), t)
+    assert tuner.retune(float(times[-1]))["m"].window_fraction >= 0.3  # from the initial 1 %
+    # Two windows within the margin of each other: whichever runs now stays.
+    stats = sampled(short_bursts, 2048).snapshot()
+    near = (0.5, 0.51)
+    top = plan(stats, CHEAP_STORAGE, 500 * ENTRY_BYTES, ENTRY_BYTES, ("tinylfu",), "tinylfu", near, 0.5)[-1]
+    hits = dict(top.curve[-1].sim_hit_ratios)
+    assert hits["tinylfu/w0.5"] != hits["tinylfu/w0.51"] and abs(hits["tinylfu/w0.5"] - hits["tinylfu/w0.51"]) < 0.005
+    for current in near:
+        chosen = tune(stats, CHEAP_STORAGE, 500 * ENTRY_BYTES, ENTRY_BYTES, ("tinylfu",), "tinylfu", near, current)
+        assert chosen.window_fraction == current
+
+
+def test_a_small_key_population_is_simulated_at_full_size() -> None:
+    """Few distinct keys (every one sampled, rate 1) and a cache far below the miniatures'
+    minimum: the replay is the cache itself, so the filters are still ranked and chosen."""
+    trace = sim.zipf_trace(3000, 1500, 1.0, seed=12)
+    cmp = sim.compare_at_equal_memory(trace, 0.05)
+    assert cmp.memory_entries < 100  # below MIN_SIM_ENTRIES
+    assert all(d.sample_rate == 1.0 for d in cmp.tuned.decisions)
+    assert {d.admission for d in cmp.tuned.decisions[1:]} <= {"doorkeeper", "tinylfu"}
+    assert cmp.tuned.hit_ratio > 1.1 * cmp.lru
+    assert cmp.tuned.hit_ratio <= cmp.belady
