@@ -8,16 +8,12 @@ never disturbed. Every test uses its own key prefix and deletes its keys.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from redis_support import PrivateRedis, free_port
 
 from polyray.cache.keys import cache_key
 from polyray.cache.local import LocalCache
@@ -38,19 +34,6 @@ def vec(i: int) -> np.ndarray:
 
 def keys(n: int, tag: str = "") -> list[bytes]:
     return [cache_key(REF, "l2", f"{tag}text {i}") for i in range(n)]
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    value = f"polyray:test:{uuid.uuid4().hex}:"
-    yield value
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        found = [k async for k in client.scan_iter(match=value.encode() + b"*")]
-        if found:
-            await client.delete(*found)
-    finally:
-        await client.aclose()
 
 
 async def test_round_trip_through_real_redis(prefix: str) -> None:
@@ -99,54 +82,6 @@ async def test_a_closed_port_is_a_miss_and_backs_off() -> None:
     assert await tier.get_many([b"k" * 16]) == [None]  # probe fails: backoff doubles
     assert tier.stats().num_errors == 2 and tier.stats().backoff_s == 2.0
     await tier.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class PrivateRedis:
-    """A redis-server on its own port that the test may kill and restart."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-            self.proc = None
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_redis_dies_mid_stream_with_zero_failed_lookups(private_redis: PrivateRedis) -> None:

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -45,6 +42,7 @@ import orjson
 
 from polyray.benchmarks.corpus import make_corpus
 from polyray.benchmarks.loadgen import LoadResult, percentile, run_load
+from polyray.benchmarks.server import free_port, start_server, stop_server
 from polyray.cache import sim
 from polyray.cache.tuner import policy_label
 from polyray.config import default_threads
@@ -232,35 +230,13 @@ def _cache_counts(port: int) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_server(home: Path, threads: int, port: int, cache_toml: str) -> subprocess.Popen[bytes]:
-    config = home / "polyray.toml"
-    config.write_text(
+    return start_server(
+        home,
         '[server]\nmax_queue_items = 4096\n\n[tenancy]\nauth = "none"\n\n'
-        f'[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n\n[cache]\n{cache_toml}'
+        f'[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n\n[cache]\n{cache_toml}',
+        port,
     )
-    cmd = [sys.executable, "-m", "polyray.cli", "--log-level", "warning", "serve", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], env={**os.environ, "HF_HUB_OFFLINE": "1", "POLYRAY_HOME": str(home)}
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("bench: the server did not become ready in 120 s")
 
 
 def _load(port: int, bodies: list[bytes], concurrency: int) -> LoadResult:
@@ -291,7 +267,7 @@ def _one_run(
 ) -> tuple[RunResult, list[np.ndarray | None], Path | None]:
     """One server from start to stop; its key trace (if it records one) is copied out first."""
     home = Path(tempfile.mkdtemp(prefix=f"polyray-cache-bench-{name}-"))
-    port = _free_port()
+    port = free_port()
     server = _start_server(home, threads, port, cache_toml.replace("@HOME@", str(home)))
     out = RunResult(name)
     try:
@@ -317,8 +293,7 @@ def _one_run(
         out.num_cached = cached1 - cached0
         vectors = _vectors(result)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     trace = home / "keys.trace"
     kept: Path | None = None
     if trace.exists():

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +26,7 @@ import orjson
 
 from polyray.benchmarks.corpus import make_corpus
 from polyray.benchmarks.loadgen import _read_response, percentile
+from polyray.benchmarks.server import free_port, start_server, stop_server
 from polyray.config import default_threads
 from polyray.tenancy.db import open_database
 from polyray.tenancy.model import CLASS_WEIGHT, PriorityClass
@@ -185,35 +182,13 @@ async def _closed_loop(pool: Pool, bodies: list[bytes], concurrency: int, durati
     return num_texts
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_server(home: Path, threads: int, port: int) -> subprocess.Popen[bytes]:
-    config = home / "polyray.toml"
-    config.write_text(
+    return start_server(
+        home,
         f'[server]\nmax_queue_items = 2048\n\n[tenancy]\ndatabase_url = "sqlite:///{home}/polyray.db"\n'
-        f'bootstrap = false\n\n[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n'
+        f'bootstrap = false\n\n[[models]]\nname = "minilm"\nversion = "1"\nthreads = {threads}\n',
+        port,
     )
-    cmd = [sys.executable, "-m", "polyray.cli", "--log-level", "warning", "serve", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], env={**os.environ, "HF_HUB_OFFLINE": "1", "POLYRAY_HOME": str(home)}
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("bench: the server did not become ready in 120 s")
 
 
 async def _run(opts: FairnessOptions, port: int, key_a: str, key_b: str, report: FairnessReport) -> None:
@@ -255,14 +230,13 @@ def run_fairness_bench(opts: FairnessOptions) -> FairnessReport:
     _, key_a = store.create_client("flooder-a", PriorityClass.BATCH, 1.0)
     _, key_b = store.create_client("steady-b", PriorityClass.INTERACTIVE, 1.0)
     store.engine.dispose()
-    port = _free_port()
+    port = free_port()
     server = _start_server(home, threads, port)
     report = FairnessReport(opts)
     try:
         asyncio.run(_run(opts, port, key_a, key_b, report))
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     if opts.json_out:
         Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json_out).write_text(json.dumps({**asdict(report), "ratio": report.ratio}, indent=2))

@@ -1,6 +1,6 @@
 """The result cache through the real ``Engine``: hits, in-flight dedup and its cost split.
 
-Driven with the deterministic ``DummyBackend``; ``GatedBackend`` holds ``encode`` on a gate the
+Driven with the deterministic ``DummyBackend``; ``ProbeBackend`` holds ``encode`` on a gate the
 test opens, so "a second request arrives while the first one's text is queued or computing" is a
 state the test sets up rather than a race against a sleep. Cost conservation is checked after
 every scenario: every nanosecond the engine measured is charged to exactly one client.
@@ -9,13 +9,13 @@ every scenario: every nanosecond the engine measured is charged to exactly one c
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from engine_support import REF, ProbeBackend, wait_until
 
 from polyray.backends.dummy import DummyBackend
 from polyray.cache.config import CacheConfig
@@ -30,44 +30,17 @@ from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.ledger import UsageRecord
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
 
-REF = ModelRef("minilm", "1")
-GATE_TIMEOUT_S = 10.0
 MIN_COSINE = 1.0 - 1e-3  # the fp16 codec's guarantee
 # "always" admits on first compute, so a text's second request is a hit (the default tinylfu
 # admits a key only once it has been seen twice); no retune during a test.
 CACHE = CacheConfig(local_max_bytes=1 << 20, admission="always", retune_interval_s=3600.0)
 
 
-class GatedBackend(DummyBackend):
-    """Records every batch; ``encode`` waits on ``gate``; a text with ``poison_word`` fails."""
-
-    def __init__(self, *args: Any, poison_word: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.attempted: list[list[tuple[int, ...]]] = []
-        self.poison_id = self.tokenize([poison_word])[0].ids[1] if poison_word else None
-
-    def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        self.attempted.append([tuple(s) for s in batch])
-        self.started.set()
-        if not self.gate.wait(GATE_TIMEOUT_S):
-            raise RuntimeError("test gate never opened")
-        if self.poison_id is not None and any(self.poison_id in s for s in batch):
-            raise ValueError("poisoned input")
-        return super().encode(batch)
-
-    def times_seen(self, text: str) -> int:
-        ids = self.tokenize([text])[0].ids
-        return sum(row == ids for batch in self.attempted for row in batch)
-
-
 class Rig:
     """An engine with the cache on, its backend, the usage it recorded and its batch charges."""
 
     def __init__(
-        self, engine: Engine, backend: GatedBackend, records: list[UsageRecord], dropped: Counter[str]
+        self, engine: Engine, backend: ProbeBackend, records: list[UsageRecord], dropped: Counter[str]
     ) -> None:
         self.engine = engine
         self.backend = backend
@@ -138,11 +111,11 @@ async def make_rig() -> AsyncIterator[RigFactory]:
     made: list[Rig] = []
 
     async def factory(
-        backend: GatedBackend | None = None,
+        backend: ProbeBackend | None = None,
         server: ServerConfig | None = None,
         config: CacheConfig | None = None,
     ) -> Rig:
-        backend = backend or GatedBackend(dim=32)
+        backend = backend or ProbeBackend(dim=32)
         records: list[UsageRecord] = []
         dropped: Counter[str] = Counter()
         engine = Engine(
@@ -163,15 +136,6 @@ async def make_rig() -> AsyncIterator[RigFactory]:
     for rig in made:
         rig.backend.gate.set()  # never leave a worker blocked on a gate
         await rig.engine.stop()
-
-
-async def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 async def occupy_worker(rig: Rig) -> asyncio.Task[EmbedResult]:
@@ -340,7 +304,7 @@ async def test_the_same_text_twice_in_one_request_is_one_entry(make_rig: RigFact
 
 
 async def test_truncated_texts_are_neither_cached_nor_shared(make_rig: RigFactory) -> None:
-    rig = await make_rig(GatedBackend(dim=32, max_seq_tokens=6))
+    rig = await make_rig(ProbeBackend(dim=32, max_seq_tokens=6))
     long_text = "one two three four five six seven eight"
     first = await rig.embed("alice", long_text, "short")
     assert first.truncated == (0,)
@@ -392,7 +356,7 @@ async def test_a_refused_request_leaves_no_joined_state(make_rig: RigFactory) ->
 
 
 async def test_a_failing_row_fails_every_waiter_and_is_not_cached(make_rig: RigFactory) -> None:
-    rig = await make_rig(GatedBackend(dim=32, poison_word="poison"))
+    rig = await make_rig(ProbeBackend(dim=32, poison_word="poison"))
     blocker = await occupy_worker(rig)
     alice = rig.embed("alice", "this has poison in it")
     bob = rig.embed("bob", "this has poison in it")

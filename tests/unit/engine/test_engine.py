@@ -8,13 +8,13 @@ race against a sleep.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
+from engine_support import REF, ProbeBackend, wait_until
 
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
@@ -25,9 +25,6 @@ from polyray.engine.runner import FairnessPolicy, ModelRunner, compute_rows
 from polyray.errors import BackendError, DeadlineExceeded, InvalidRequest, NotFound, Overloaded
 from polyray.tenancy.accounts import Accounts
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
-
-REF = ModelRef("minilm", "1")
-GATE_TIMEOUT_S = 10.0
 
 
 class RecordingObserver:
@@ -56,30 +53,6 @@ class RecordingObserver:
 
     def on_dropped(self, model: ModelRef, reason: str, num_entries: int) -> None:
         self.dropped[reason] += num_entries
-
-
-class ProbeBackend(DummyBackend):
-    """DummyBackend that records every batch it is asked for, can be held on a gate and can be poisoned."""
-
-    def __init__(self, *args: Any, poison_word: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.attempted: list[list[tuple[int, ...]]] = []
-        self.poison_id = self.tokenize([poison_word])[0].ids[1] if poison_word else None
-
-    def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        self.attempted.append([tuple(s) for s in batch])
-        self.started.set()
-        if not self.gate.wait(GATE_TIMEOUT_S):
-            raise RuntimeError("test gate never opened")
-        if self.poison_id is not None and any(self.poison_id in s for s in batch):
-            raise ValueError("poisoned input")
-        return super().encode(batch)
-
-    def seen_ids(self) -> set[tuple[int, ...]]:
-        return {ids for batch in self.attempted for ids in batch}
 
 
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -116,15 +89,6 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
             if isinstance(backend, ProbeBackend):
                 backend.gate.set()
         await engine.stop()
-
-
-async def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 def expected(backend: DummyBackend, texts: Sequence[str]) -> np.ndarray:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
+from engine_support import REF, ProbeBackend, wait_until
 
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
@@ -26,34 +26,7 @@ from polyray.errors import BackendError, Overloaded, RateLimited
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.ledger import UsageRecord
 from polyray.tenancy.model import Client, PriorityClass, Quota
-from polyray.types import EmbedRequest, EmbedResult, ModelRef
-
-REF = ModelRef("minilm", "1")
-GATE_TIMEOUT_S = 10.0
-
-
-class GatedBackend(DummyBackend):
-    """Records every batch it is asked for; ``encode`` can be held on a gate; a poison word fails."""
-
-    def __init__(self, *args: Any, poison_word: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.attempted: list[list[tuple[int, ...]]] = []
-        self.poison_id = self.tokenize([poison_word])[0].ids[1] if poison_word else None
-
-    def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        self.attempted.append([tuple(s) for s in batch])
-        self.started.set()
-        if not self.gate.wait(GATE_TIMEOUT_S):
-            raise RuntimeError("test gate never opened")
-        if self.poison_id is not None and any(self.poison_id in s for s in batch):
-            raise ValueError("poisoned input")
-        return super().encode(batch)
-
-    def seen_ids(self) -> set[tuple[int, ...]]:
-        return {ids for batch in self.attempted for ids in batch}
+from polyray.types import EmbedRequest, EmbedResult
 
 
 class ManualClock:
@@ -114,18 +87,9 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
 
     yield factory
     for engine, backend in made:
-        if isinstance(backend, GatedBackend):
+        if isinstance(backend, ProbeBackend):
             backend.gate.set()  # never leave a worker blocked
         await engine.stop()
-
-
-async def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 def embed(engine: Engine, client: str, texts: Sequence[str]) -> asyncio.Task[EmbedResult]:
@@ -159,7 +123,7 @@ async def test_charged_compute_equals_measured_compute_over_a_random_run(make_en
         make_client("flaky", share=0.5),  # cancels some requests mid-flight
         make_client("broken", PriorityClass.INTERACTIVE, share=2.0),  # sends some poisoned texts
     )
-    backend = GatedBackend(dim=8, seconds_per_token=2e-6, poison_word="poison")
+    backend = ProbeBackend(dim=8, seconds_per_token=2e-6, poison_word="poison")
     engine = await make_engine(
         backend, tenants.accounts, BatchPolicy(budget_tokens=600, max_batch_size=24, max_wait_ms=1.0)
     )
@@ -219,7 +183,7 @@ async def test_charged_compute_equals_measured_compute_over_a_random_run(make_en
 
 async def test_one_request_is_charged_exactly_its_reported_usage(make_engine: EngineFactory) -> None:
     tenants = Tenants(make_client("solo"))
-    backend = GatedBackend(dim=8, seconds_per_token=1e-5)
+    backend = ProbeBackend(dim=8, seconds_per_token=1e-5)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(budget_tokens=40, max_batch_size=4))
     texts = words("solo", 11, 4)  # several batches, and a threaded tokenization
     result = await engine.embed(EmbedRequest("minilm", tuple(texts), client="solo"))
@@ -233,7 +197,7 @@ async def test_one_request_is_charged_exactly_its_reported_usage(make_engine: En
 
 async def test_compute_of_a_caller_that_left_mid_batch_is_still_charged(make_engine: EngineFactory) -> None:
     tenants = Tenants(make_client("gone"), make_client("stays"))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=5.0))
     backend.gate.clear()
     gone = embed(engine, "gone", ["leaves while computing"])
@@ -264,7 +228,7 @@ async def test_flooding_client_cannot_starve_another(
         make_client("light", PriorityClass(light_priority)),
         make_client("first"),
     )
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(
         backend,
         tenants.accounts,
@@ -305,7 +269,7 @@ async def test_flooding_client_cannot_starve_another(
 
 async def test_per_client_queue_cap_is_429_while_others_can_still_queue(make_engine: EngineFactory) -> None:
     tenants = Tenants(make_client("a"), make_client("b"), make_client("c"), make_client("x"))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(
         backend,
         tenants.accounts,
@@ -350,7 +314,7 @@ async def test_a_client_with_nothing_waiting_may_queue_more_than_its_share(make_
     """The cap counts what a client already holds: one request larger than the share is not refused
     (it could never be served otherwise), a second one then is."""
     tenants = Tenants(make_client("big"), make_client("x"))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(
         backend,
         tenants.accounts,
@@ -386,7 +350,7 @@ def snapshot(tenants: Tenants, engine: Engine) -> tuple[int, int, int, int]:
 async def test_requests_per_s_through_the_engine(make_engine: EngineFactory) -> None:
     clock = ManualClock()
     tenants = Tenants(make_client("team", requests_per_s=2.0), make_client("other", requests_per_s=2.0))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=0.0, rejoin_wait_ms=0.0), clock=clock)
     await engine.embed(EmbedRequest("minilm", ("one",), client="team"))
     await engine.embed(EmbedRequest("minilm", ("two",), client="team"))
@@ -407,7 +371,7 @@ async def test_requests_per_s_through_the_engine(make_engine: EngineFactory) -> 
 
 async def test_max_concurrent_through_the_engine(make_engine: EngineFactory) -> None:
     tenants = Tenants(make_client("team", max_concurrent=1))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=0.0))
     backend.gate.clear()
     first = embed(engine, "team", ["in flight"])
@@ -431,7 +395,7 @@ async def test_max_concurrent_through_the_engine(make_engine: EngineFactory) -> 
 
 async def test_max_concurrent_slot_is_released_when_the_caller_cancels(make_engine: EngineFactory) -> None:
     tenants = Tenants(make_client("team", max_concurrent=1))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=0.0))
     backend.gate.clear()
     first = embed(engine, "team", ["in flight"])
@@ -447,7 +411,7 @@ async def test_max_concurrent_slot_is_released_when_the_caller_cancels(make_engi
 async def test_tokens_per_s_through_the_engine(make_engine: EngineFactory) -> None:
     clock = ManualClock()
     tenants = Tenants(make_client("team", tokens_per_s=10.0))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=0.0, rejoin_wait_ms=0.0), clock=clock)
     big = words("big", 1, 18)  # 20 tokens: over the burst of 10, admitted once (the bucket was full)
     result = await engine.embed(EmbedRequest("minilm", tuple(big), client="team"))
@@ -470,7 +434,7 @@ async def test_tokens_per_s_through_the_engine(make_engine: EngineFactory) -> No
 async def test_daily_compute_budget_through_the_engine(make_engine: EngineFactory) -> None:
     wall = [20_000 * 86_400.0 + 3600.0]
     tenants = Tenants(make_client("team", daily_compute_s=1e-9), wall_clock=lambda: wall[0])
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(backend, tenants.accounts, BatchPolicy(max_wait_ms=0.0))
     await engine.embed(EmbedRequest("minilm", ("spends the budget",), client="team"))
     before = snapshot(tenants, engine)
@@ -492,7 +456,7 @@ async def test_interactive_traffic_caps_batches_while_batch_class_waits(
 ) -> None:
     cap = 48
     tenants = Tenants(make_client("ui", PriorityClass.INTERACTIVE), make_client("bulk"))
-    backend = GatedBackend(dim=8)
+    backend = ProbeBackend(dim=8)
     engine = await make_engine(
         backend,
         tenants.accounts,
