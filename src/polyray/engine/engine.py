@@ -212,10 +212,13 @@ class Engine:
         waits = self._join_or_submit(
             ref, runner, tokenized, keys, vectors, now_s, deadline_s, client_name, weight, interactive
         )
+        gathered = asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values()))
+        # If this request gives up (cancelled, deadline, another entry failed), the gather ends with
+        # the first error and nobody reads it: mark it read so asyncio does not log it.
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             outcomes: list[EntryResult] = await asyncio.wait_for(
-                asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values())),
-                timeout=max(0.0, deadline_s - now_s) + DEADLINE_GRACE_S,
+                gathered, timeout=max(0.0, deadline_s - now_s) + DEADLINE_GRACE_S
             )
         except TimeoutError:
             raise DeadlineExceeded() from None

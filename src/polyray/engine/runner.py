@@ -164,8 +164,14 @@ class ModelRunner:
             candidates, positions = self.queue.candidates(policy.window + 1)
             decision = form_batch(candidates, policy, now_s, self._hold_until_s, self._min_fill)
             busy = self._running is not None
-            # While the worker is busy, hold only a full batch; a partial one keeps growing.
-            take = decision.full if busy else (decision.ready or (self._closing and bool(decision.indices)))
+            # While the worker is busy, hold only a full batch; a partial one keeps growing. A capped
+            # batch-class batch is not held: an interactive request arriving meanwhile goes first.
+            capped = policy.budget_tokens < self.policy.budget_tokens
+            take = (
+                (decision.full and not capped)
+                if busy
+                else (decision.ready or (self._closing and bool(decision.indices)))
+            )
             if not take:
                 timeout = None if busy or not decision.indices else max(0.0, decision.ready_at_s - now_s)
                 await self._wait(timeout)
