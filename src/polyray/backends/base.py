@@ -26,6 +26,13 @@ class Backend(Protocol):
     max_seq_tokens: int
     description: str
     padding_free: bool  # True: compute grows with real tokens only, not longest × count
+    # The numeric precision of the build ("fp32", "int8"). It is part of the served version: the
+    # config refuses an int8 build whose version string does not name it (``ModelConfig``).
+    precision: str
+    # Least cosine between this backend's vectors and the fp32 torch reference over the probe
+    # set, measured at load (``backends.calibrate``): 1.0 for the reference itself, None where
+    # there is no reference (the dummy backend).
+    cosine_to_reference: float | None
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
         """Token ids, special tokens included, cut to ``max_seq_tokens``. Thread-safe."""

@@ -31,6 +31,8 @@ class DummyBackend:
         self.seconds_per_token = seconds_per_token
         self.description = f"dummy (dim {dim})"
         self.padding_free = False
+        self.precision = "fp32"
+        self.cosine_to_reference: float | None = None  # no reference model to compare with
         self.num_batches = 0
         self.batch_sizes: list[int] = []
 

@@ -1,24 +1,49 @@
-"""Build the backend a ``ModelConfig`` names; torch is imported only when asked for."""
+"""Build the backend a ``ModelConfig`` names; torch and ONNX Runtime are imported only when asked for."""
 
 from __future__ import annotations
 
 from polyray.backends.base import Backend
+from polyray.backends.calibrate import BudgetFitter
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ModelConfig, default_threads
+from polyray.engine.budget_fit import FitPolicy
 from polyray.registry.model_dir import read_model_dir
 
 
 def check_model(config: ModelConfig) -> None:
     """Fail fast (``ModelLoadError``) on a missing or broken model directory, before loading weights."""
-    if config.backend == "torch":
+    if config.backend in ("torch", "onnx"):
         read_model_dir(config.path)
 
 
 def build_backend(config: ModelConfig) -> Backend:
     if config.backend == "dummy":
         return DummyBackend(dim=config.dim, max_seq_tokens=config.max_seq_tokens or 256)
+    threads = config.threads or default_threads()
+    if config.backend == "onnx":
+        from polyray.backends.onnx import OnnxBackend
+
+        return OnnxBackend(
+            read_model_dir(config.path),
+            threads,
+            precision=config.precision,
+            max_seq_tokens=config.max_seq_tokens,
+            cache_dir=config.cache_dir,
+            min_cosine=config.min_cosine,
+        )
     from polyray.backends.torch import TorchBackend
 
-    return TorchBackend(
-        read_model_dir(config.path), config.threads or default_threads(), config.max_seq_tokens, config.execution
+    return TorchBackend(read_model_dir(config.path), threads, config.max_seq_tokens, config.execution)
+
+
+def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
+    """The batch-budget fitter for one model version, or None when ``fit_batch_budget`` is off.
+
+    The runner calls ``fit(backend, policy)`` on its worker thread before serving and applies
+    ``decision.apply(policy)``; see ``backends.calibrate.BudgetFitter``.
+    """
+    if not config.fit_batch_budget:
+        return None
+    return BudgetFitter(
+        FitPolicy(latency_target_ms=config.batch_latency_target_ms), name=f"{config.name}@{config.version}"
     )

@@ -20,12 +20,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from polyray.backends.base import Tokenized, pad_batch
 from polyray.backends.packed_bert import PackedBertEncoder, pool_packed, supports
+from polyray.backends.tokenizer import TextTokenizer
 from polyray.errors import ModelLoadError
 from polyray.registry.model_dir import ModelDir
 
@@ -51,39 +51,19 @@ class TorchBackend:
             )
         self.packed = PackedBertEncoder(self.model) if execution != "padded" and supports(self.model) else None
         self.padding_free = self.packed is not None
+        self.precision = "fp32"
+        self.cosine_to_reference: float | None = 1.0  # this is the reference the other backends are checked against
         self.dim = model_dir.dim
-        limit = model_dir.max_seq_tokens
-        self.max_seq_tokens = min(limit, max_seq_tokens) if max_seq_tokens else limit
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        sep = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None else self.tokenizer.eos_token_id
-        self.end_id = int(sep) if sep is not None else None
+        self.text_tokenizer = TextTokenizer(model_dir, max_seq_tokens, self.tokenizer)
+        self.max_seq_tokens = self.text_tokenizer.max_seq_tokens
+        self.pad_id = self.text_tokenizer.pad_id
         mode = "packed" if self.packed else "padded"
         self.description = f"torch {torch.__version__} cpu, {threads} threads, {mode}, {model_dir.pooling} pooling" + (
             ", normalized" if model_dir.normalize else ""
         )
-        # The Rust tokenizer underneath, configured once: calling it directly costs ~20 µs per text
-        # against ~150 µs through the Python wrapper (which also re-sets truncation on every call,
-        # making it unsafe across threads). One token past the limit tells us a text was cut.
-        self._fast = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())  # a private copy
-        self._fast.no_padding()
-        self._fast.enable_truncation(max_length=self.max_seq_tokens + 1)
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
-        if self.model_dir.do_lower_case:
-            texts = [t.lower() for t in texts]
-        if len(texts) == 1:
-            encoded = [self._fast.encode(texts[0]).ids]
-        else:
-            encoded = [e.ids for e in self._fast.encode_batch(list(texts))]
-        out = []
-        for ids in encoded:
-            if len(ids) > self.max_seq_tokens:
-                tail = [self.end_id] if self.end_id is not None and ids[-1] == self.end_id else []
-                kept = ids[: self.max_seq_tokens - len(tail)] + tail
-                out.append(Tokenized(tuple(kept), truncated=True))
-            else:
-                out.append(Tokenized(tuple(ids), truncated=False))
-        return out
+        return self.text_tokenizer.tokenize(texts)
 
     def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         if self.packed is not None:

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,6 +67,9 @@ class Engine:
         self._inflight: dict[ModelRef, dict[bytes, Entry]] = {ref: {} for ref in backends}
         self._normalization = {ref: _normalization(b) for ref, b in backends.items()}
         self.measured_tokenize_ns = 0
+        # Tokenization gets threads of its own: in the default executor it would queue behind
+        # database and fsync work (ledger, directory), which can take seconds on a slow disk.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="polyray-tokenize")
         self._pending_fills: dict[ModelRef, list[tuple[bytes, np.ndarray]]] = {}
         self._fill_tasks: set[asyncio.Future[None]] = set()
         obs = observer or NullObserver()
@@ -101,6 +105,7 @@ class Engine:
             await asyncio.sleep(0)  # let the last deliveries schedule their cache fills
             await asyncio.gather(*self._fill_tasks, return_exceptions=True)
             await self.cache.stop()
+        self._tokenize_pool.shutdown(wait=False)
 
     @property
     def ready(self) -> bool:
@@ -327,7 +332,7 @@ class Engine:
     async def _tokenize(self, backend: Backend, texts: Sequence[str]) -> list[Tokenized]:
         if len(texts) <= INLINE_TOKENIZE_MAX_TEXTS:
             return backend.tokenize(texts)
-        return await asyncio.to_thread(backend.tokenize, texts)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, backend.tokenize, texts)
 
 
 def _normalization(backend: Backend) -> str:

@@ -42,6 +42,8 @@ def open_database(url: str, upgrade: bool = True) -> Engine:
     else:
         kwargs["connect_args"] = {"timeout": 10}
     engine = sa.create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
     if upgrade:
         try:
             upgrade_schema(engine)
@@ -51,6 +53,15 @@ def open_database(url: str, upgrade: bool = True) -> Engine:
             time.sleep(1.0)
             upgrade_schema(engine)
     return engine
+
+
+def _sqlite_pragmas(dbapi_connection: object, _: object) -> None:
+    """WAL: readers (auth refresh, usage reports) never wait for the ledger's writes, nor it for them;
+    synchronous=NORMAL is durable across a process crash in WAL mode (an OS crash may lose the last commits)."""
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def upgrade_schema(engine: Engine) -> None:

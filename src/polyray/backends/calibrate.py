@@ -1,0 +1,250 @@
+"""Measurements a backend is put through at load: accuracy against the reference, and speed.
+
+* ``probe_texts`` / ``calibration_texts``: fixed, generated inputs (no download). The probe set
+  checks a build before it serves; the calibration set shapes the int8 build. They come from
+  different seeds, and both differ from the benchmark corpus, so no accuracy figure is measured on
+  the data that tuned it.
+* ``compare_to_reference``: cosine of every probe input, computed both in mixed-length batches and
+  alone, because dynamic int8 quantizes each call's activations with one range per call: a row's
+  vector depends a little on its batch-mates.
+* ``measure_budget_curve`` and ``BudgetFitter``: the batch budget fitted to the hardware
+  (``engine.budget_fit`` holds the pure decision).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from polyray.backends.base import Backend
+from polyray.benchmarks.corpus import make_corpus
+from polyray.engine.batcher import BatchPolicy, plan_groups
+from polyray.engine.budget_fit import (
+    BudgetDecision,
+    CurvePoint,
+    DriftState,
+    FitPolicy,
+    choose_budget,
+    observe_drift,
+    rescale,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_SEED = 17
+CALIBRATION_SEED = 29
+MEASURE_SEED = 41
+DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+# Inputs a generated corpus never has: one word or character (an int8 build's worst case: its
+# vector is the mean of three tokens, two of them [CLS] and [SEP]), punctuation only, non-Latin
+# scripts, digits, a URL, and a text far over any model's maximum (truncated).
+EDGE_TEXTS = (
+    "x",
+    "ok",
+    "no",
+    "?",
+    "?!",
+    "Hello!",
+    "Ünïcödé façade — naïve café, 東京, Привет мир.",
+    "3.14159 2.71828 1.41421 42 1e-9 0xFF",
+    "https://example.com/a/b?c=d&e=f#g",
+    "word " * 400,
+)
+
+
+def probe_texts(num_texts: int = 96) -> list[str]:
+    """The probe set: generated sentences of 1-100 words plus ``EDGE_TEXTS``."""
+    return make_corpus(num_texts, seed=PROBE_SEED, min_words=1, max_words=100) + list(EDGE_TEXTS)
+
+
+def calibration_texts(num_texts: int = 256) -> list[str]:
+    """What the int8 build's activation ranges are measured on (1-120 words, so long inputs count)."""
+    return make_corpus(num_texts, seed=CALIBRATION_SEED, min_words=1, max_words=120)
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    min_cosine: float
+    mean_cosine: float
+    worst_index: int  # into the probe inputs
+    num_inputs: int
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b``."""
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.asarray(num / np.maximum(den, 1e-12), dtype=np.float64)
+
+
+def compare_to_reference(
+    encode: Callable[[Sequence[Sequence[int]]], np.ndarray],
+    reference: np.ndarray,
+    probe_ids: Sequence[Sequence[int]],
+    batch_size: int = 32,
+) -> ProbeReport:
+    """Cosine of ``encode``'s vectors to ``reference`` (one row per probe input), worst case of two ways.
+
+    Batched in a shuffled order (mixed lengths, as cross-request batches are) and one input per
+    call (a lone request); each input counts with the lower of its two cosines.
+    """
+    order = list(range(len(probe_ids)))
+    random.Random(PROBE_SEED).shuffle(order)
+    batched = np.empty_like(reference)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batched[rows] = encode([probe_ids[i] for i in rows])
+    alone = np.concatenate([encode([ids]) for ids in probe_ids])
+    cosines = np.minimum(row_cosines(batched, reference), row_cosines(alone, reference))
+    worst = int(np.argmin(cosines))
+    return ProbeReport(float(cosines[worst]), float(cosines.mean()), worst, len(probe_ids))
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+@dataclass
+class _Tally:
+    times: list[float]
+    num_sequences: int = 0
+    num_tokens: int = 0
+    cost_tokens: int = 0
+
+
+def measure_budget_curve(
+    backend: Backend,
+    corpus_ids: Sequence[Sequence[int]],
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    base_policy: BatchPolicy | None = None,
+    time_per_budget_s: float = 0.4,
+    num_rounds: int = 4,
+    seed: int = MEASURE_SEED,
+) -> list[CurvePoint]:
+    """Time the backend on the batches the planner forms at each budget from a saturated queue.
+
+    A step at one budget draws ``window`` random corpus inputs (a full queue window), cuts them
+    into batches with the planner's own ``plan_groups`` (length-sorted, within the budget and the
+    maximum batch size) and runs every batch. The budgets take turns for ``num_rounds`` rounds,
+    so a slow minute on a shared host (speed drifts 20-30 % here) lands on all of them rather
+    than on one; each budget gets about ``time_per_budget_s`` in all. Blocking: call it on the
+    thread that owns the backend (the runner's worker).
+    """
+    policy = base_policy or BatchPolicy()
+    if not corpus_ids:
+        raise ValueError("measure_budget_curve needs a corpus")
+    rng = random.Random(seed)
+    backend.encode([corpus_ids[0]] * 2)  # first calls allocate; keep them out of the figures
+    tallies = {budget: _Tally([]) for budget in budgets}
+    per_round_s = time_per_budget_s / max(1, num_rounds)
+    for _ in range(max(1, num_rounds)):
+        for budget in budgets:
+            at_budget = BatchPolicy(
+                budget_tokens=budget,
+                max_batch_size=policy.max_batch_size,
+                window=policy.window,
+                overhead_tokens=policy.overhead_tokens,
+                padding_free=backend.padding_free,
+            )
+            tally = tallies[budget]
+            spent_s = 0.0
+            while spent_s < per_round_s:
+                window = sorted((rng.choice(corpus_ids) for _ in range(policy.window)), key=len)
+                for start, end in plan_groups([len(s) for s in window], at_budget):
+                    batch = window[start:end]
+                    started = time.perf_counter()
+                    backend.encode(batch)
+                    elapsed = time.perf_counter() - started
+                    spent_s += elapsed
+                    lengths = [len(s) for s in batch]
+                    tally.times.append(elapsed)
+                    tally.num_sequences += len(batch)
+                    tally.num_tokens += sum(lengths)
+                    tally.cost_tokens += sum(lengths) if backend.padding_free else max(lengths) * len(lengths)
+    return [
+        CurvePoint(
+            budget, len(t.times), t.num_sequences, t.num_tokens, t.cost_tokens, sum(t.times), 1000.0 * _p90(t.times)
+        )
+        for budget, t in tallies.items()
+    ]
+
+
+class BudgetFitter:
+    """Measure → decide at start and on demand; watch served batches for drift (one per runner).
+
+    ``fit`` blocks for about ``len(budgets) × time_per_budget_s`` seconds and must run where the backend's
+    ``encode`` runs (the runner's worker thread). ``observe_batch`` is cheap and safe to call after
+    every batch; it returns a new decision when the measured speed has drifted.
+    """
+
+    def __init__(
+        self,
+        policy: FitPolicy | None = None,
+        budgets: Sequence[int] = DEFAULT_BUDGETS,
+        time_per_budget_s: float = 0.4,
+        corpus: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+    ) -> None:
+        self.policy = policy or FitPolicy()
+        self.budgets = tuple(budgets)
+        self.time_per_budget_s = time_per_budget_s
+        self.corpus = list(corpus) if corpus is not None else make_corpus(256, seed=MEASURE_SEED)
+        self.clock = clock
+        self.name = name
+        self.decision: BudgetDecision | None = None
+        self._measured: list[CurvePoint] = []
+        self._padding_free = False
+        self._drift: DriftState | None = None
+
+    def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision:
+        corpus_ids = [t.ids for t in backend.tokenize(self.corpus)]
+        started = time.perf_counter()
+        self._measured = measure_budget_curve(backend, corpus_ids, self.budgets, base_policy, self.time_per_budget_s)
+        self._padding_free = backend.padding_free
+        decision = self._decide(1.0)
+        log.info(
+            "batch budget fit for %s in %.1f s (%s):\n%s",
+            self.name or backend.description,
+            time.perf_counter() - started,
+            backend.description,
+            decision.table(),
+        )
+        return decision
+
+    def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None:
+        """Fold one served batch in (token lengths of its entries, its measured compute seconds)."""
+        if self.decision is None or self._drift is None or not lengths:
+            return None
+        cost_tokens = sum(lengths) if self._padding_free else max(lengths) * len(lengths)
+        self._drift, factor = observe_drift(
+            self._drift, self.decision.cost, cost_tokens, compute_s, self.clock(), self.policy
+        )
+        if factor is None:
+            return None
+        previous = self.decision
+        decision = self._decide(previous.drift_factor * factor)
+        log.warning(
+            "batch compute for %s runs at %.2fx the fitted speed; re-decided (budget %d -> %d tokens, "
+            "max_wait %.2f -> %.2f ms):\n%s",
+            self.name,
+            1 / factor,
+            previous.budget_tokens,
+            decision.budget_tokens,
+            previous.max_wait_ms,
+            decision.max_wait_ms,
+            decision.table(),
+        )
+        return decision
+
+    def _decide(self, drift_factor: float) -> BudgetDecision:
+        points = rescale(self._measured, drift_factor) if drift_factor != 1.0 else self._measured
+        self.decision = choose_budget(points, self.policy, drift_factor)
+        self._drift = DriftState(decided_s=self.clock())
+        return self.decision
