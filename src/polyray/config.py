@@ -41,7 +41,7 @@ Example (every key optional)::
 
     [fairness]
     interactive_budget_tokens = 256    # batch cap while interactive and batch clients mix
-    interactive_window_s = 2.0
+    interactive_window_s = 10.0         # "recent" interactive traffic: the cap applies this long after it
     max_client_queue_fraction = 0.5    # one client's share of the queue before 429
 
     [[models]]
@@ -120,9 +120,7 @@ class ModelConfig:
                 f"model {self.name}@{self.version}: unknown precision {self.precision!r} ({', '.join(PRECISIONS)})"
             )
         if self.precision != "fp32" and self.backend != "onnx":
-            raise ConfigError(
-                f"model {self.name}@{self.version}: precision {self.precision!r} needs backend = 'onnx'"
-            )
+            raise ConfigError(f"model {self.name}@{self.version}: precision {self.precision!r} needs backend = 'onnx'")
         # A version names the build, precision included: the version of a non-fp32 build must
         # contain its precision ("1-int8") and an fp32 build's must name none, so two precisions
         # can never be served, cached or charged under one version string.
@@ -130,12 +128,12 @@ class ModelConfig:
         if self.precision != "fp32" and named != [self.precision]:
             raise ConfigError(
                 f"model {self.name}@{self.version}: a {self.precision} build needs a version that names it, "
-                f"e.g. version = \"{self.version}-{self.precision}\""
+                f'e.g. version = "{self.version}-{self.precision}"'
             )
         if self.precision == "fp32" and named:
             raise ConfigError(
                 f"model {self.name}@{self.version}: the version names {named[0]} but precision is fp32 "
-                f"(set precision = \"{named[0]}\" or rename the version)"
+                f'(set precision = "{named[0]}" or rename the version)'
             )
         if not 0.0 < self.min_cosine <= 1.0:
             raise ConfigError(f"model {self.name}@{self.version}: min_cosine must be in (0, 1], got {self.min_cosine}")

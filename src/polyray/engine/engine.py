@@ -296,6 +296,7 @@ class Engine:
             runner.submit(list(new.values()))  # raises Overloaded / RateLimited: nothing joined yet
         waits: dict[bytes | int, tuple[Entry, int]] = {}
         for wait_key, entry in joins.items():
+            runner.queue.promote(entry, client_name, weight, interactive)  # no-op once it is computing
             entry.num_waiters += 1
             entry.deadline_s = max(entry.deadline_s, deadline_s)
             entry.sharers.append(client_name)

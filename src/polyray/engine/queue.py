@@ -97,6 +97,12 @@ class EntryQueue:
         for entry in entries:
             self._fair.push(entry.client, entry, entry.num_tokens, entry.weight)
 
+    def promote(self, entry: Entry, client: str, weight: float, interactive: bool) -> None:
+        """A request of ``client`` joined ``entry`` (dedup): serve it at the better of the two places."""
+        if interactive and not entry.interactive:
+            entry.interactive = True
+        self._fair.promote(entry, client, entry.num_tokens, weight)
+
     def candidates(self, limit: int | None = None) -> tuple[list[Candidate], list[int]]:
         """The first ``limit`` entries in fair order (the batcher looks at a window, not a flood),
         and their positions in the queue (for ``take``).

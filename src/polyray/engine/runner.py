@@ -53,7 +53,7 @@ class FairnessPolicy:
     """How the runner protects interactive clients from batch-class floods (see module docstring)."""
 
     interactive_budget_tokens: int = 256
-    interactive_window_s: float = 2.0
+    interactive_window_s: float = 10.0
     max_client_queue_fraction: float = 0.5
 
     def __post_init__(self) -> None:

@@ -73,6 +73,25 @@ class FairQueue(Generic[T]):
         self._per_client[client] = self._per_client.get(client, 0) + 1
         return tagged
 
+    def promote(self, item: T, client: str, cost_tokens: int, weight: float) -> bool:
+        """Re-tag a queued ``item`` for ``client`` if that would serve it sooner (in-flight dedup:
+        a request joining another client's queued entry must not wait behind that client's
+        backlog). True if the item moved. O(queue length); joins are rare next to pushes."""
+        start = max(self.virtual, self._last_finish.get(client, 0.0))
+        for i, tagged in enumerate(self._items):
+            if tagged.item is item:
+                if start >= tagged.start:
+                    return False
+                del self._items[i]
+                self._forget([tagged])
+                finish = start + cost_tokens / weight
+                self._last_finish[client] = finish
+                moved = Tagged(start, tagged.seq, finish, client, cost_tokens, item)
+                bisect.insort(self._items, moved)
+                self._per_client[client] = self._per_client.get(client, 0) + 1
+                return True
+        return False
+
     def take(self, indices: tuple[int, ...] | list[int]) -> list[Tagged[T]]:
         """Remove the items at ``indices`` (positions in tag order) and advance virtual time."""
         chosen = set(indices)

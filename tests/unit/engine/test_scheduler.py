@@ -342,3 +342,23 @@ def test_drain_empties_and_resets_counts() -> None:
     assert [t.item for t in queue.drain()] == ["a0", "b0"]
     assert len(queue) == 0
     assert queue.num_waiting("a") == queue.num_waiting("b") == 0
+
+
+def test_promote_moves_a_deep_item_to_the_joining_clients_place() -> None:
+    queue: FairQueue[str] = FairQueue()
+    items = [f"a{i}" for i in range(50)]  # promote finds the queued object itself (identity)
+    for item in items:
+        queue.push("flood", item, 10, 1.0)
+    assert queue.promote(items[40], "steady", 10, 1.0)  # the steady client has no backlog: start tag 0
+    order = [t.item for t in queue]
+    assert order[:2] == ["a0", "a40"]
+    assert sorted(order) == sorted(f"a{i}" for i in range(50))  # nothing lost or duplicated
+    assert (queue.num_waiting("flood"), queue.num_waiting("steady")) == (49, 1)
+    # The steady client's next push queues behind the item it promoted (its finish tag moved on).
+    queue.push("steady", "s1", 10, 1.0)
+    assert [t.item for t in queue].index("s1") > order.index("a40")
+    # Promoting for a client whose place is no better leaves the queue as it was.
+    before = [t.item for t in queue]
+    assert not queue.promote(items[1], "flood", 10, 1.0)
+    assert [t.item for t in queue] == before
+    assert not queue.promote("not queued", "steady", 10, 1.0)
