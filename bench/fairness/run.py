@@ -1,6 +1,6 @@
 """Fairness benchmark: B's p99 latency alone vs while client A floods (see polyray.benchmarks.fairness_bench).
 
-    .venv/bin/python bench/fairness/run.py [--phase-s 40] [--json bench/results/fairness.json]
+.venv/bin/python bench/fairness/run.py [--phase-s 40] [--json bench/results/fairness.json]
 """
 
 from __future__ import annotations

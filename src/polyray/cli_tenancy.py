@@ -194,5 +194,3 @@ def add_tenancy_commands(sub: Any) -> None:
     report.add_argument("--by", choices=["client", "model", "day", "minute"], default="client")
     report.add_argument("--client", help="only this client")
     usage.set_defaults(func=cmd_usage)
-
-

@@ -55,7 +55,7 @@ Example (every key optional)::
     min_cosine = 0.99                   # int8: served only if every probe input's cosine to fp32 reaches this
     cache_dir = "~/.cache/polyray"      # exported builds; default $POLYRAY_CACHE_DIR, else ~/.cache/polyray
     fit_batch_budget = true             # measure throughput against batch budget at start; choose budget + wait
-    batch_latency_target_ms = 250.0     # ... keeping max_wait + two full batches under this
+    batch_latency_target_ms = 500.0     # ... keeping max_wait + two full batches under this
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class ModelConfig:
     min_cosine: float = 0.99  # int8: refuse the build unless every probe input's cosine to fp32 reaches this
     cache_dir: str | None = None  # exported ONNX builds; default $POLYRAY_CACHE_DIR or ~/.cache/polyray
     fit_batch_budget: bool = True  # measure the batch budget curve at start and choose budget and wait
-    batch_latency_target_ms: float = 250.0  # the budget fit keeps max_wait + 2 full batches under this
+    batch_latency_target_ms: float = 500.0  # the budget fit keeps max_wait + 2 full batches under this
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnx", "dummy"):

@@ -139,8 +139,8 @@ def test_same_name_other_version_is_fine(tmp_path: Path) -> None:
 
 
 def test_unknown_backend(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="onnx"):
-        load_settings(write(tmp_path, '[[models]]\nname = "m"\nbackend = "onnx"\n'))
+    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt' \(torch, onnx, dummy\)"):
+        load_settings(write(tmp_path, '[[models]]\nname = "m"\nbackend = "tensorrt"\n'))
 
 
 @pytest.mark.parametrize(("name", "version"), [("", "1"), ("m@x", "1"), ("m", ""), ("m", "1@2")])

@@ -62,7 +62,7 @@ def probe_texts(num_texts: int = 96) -> list[str]:
     return make_corpus(num_texts, seed=PROBE_SEED, min_words=1, max_words=100) + list(EDGE_TEXTS)
 
 
-def calibration_texts(num_texts: int = 256) -> list[str]:
+def calibration_texts(num_texts: int = 128) -> list[str]:
     """What the int8 build's activation ranges are measured on (1-120 words, so long inputs count)."""
     return make_corpus(num_texts, seed=CALIBRATION_SEED, min_words=1, max_words=120)
 
@@ -103,6 +103,17 @@ def compare_to_reference(
     cosines = np.minimum(row_cosines(batched, reference), row_cosines(alone, reference))
     worst = int(np.argmin(cosines))
     return ProbeReport(float(cosines[worst]), float(cosines.mean()), worst, len(probe_ids))
+
+
+def measure_fixed_cost_s(backend: Backend, shortest: Sequence[int], num_calls: int = 30) -> float:
+    """Median time of a minimal forward call (``shortest``: e.g. [CLS] [SEP]): the fixed cost per call."""
+    backend.encode([shortest])
+    times = []
+    for _ in range(num_calls):
+        started = time.perf_counter()
+        backend.encode([shortest])
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
 
 
 def _p90(values: list[float]) -> float:
@@ -200,6 +211,7 @@ class BudgetFitter:
         self.name = name
         self.decision: BudgetDecision | None = None
         self._measured: list[CurvePoint] = []
+        self._fixed_cost_s: float | None = None
         self._padding_free = False
         self._drift: DriftState | None = None
 
@@ -207,6 +219,8 @@ class BudgetFitter:
         corpus_ids = [t.ids for t in backend.tokenize(self.corpus)]
         started = time.perf_counter()
         self._measured = measure_budget_curve(backend, corpus_ids, self.budgets, base_policy, self.time_per_budget_s)
+        shortest = min(corpus_ids, key=len)
+        self._fixed_cost_s = measure_fixed_cost_s(backend, (shortest[0], shortest[-1]))
         self._padding_free = backend.padding_free
         decision = self._decide(1.0)
         log.info(
@@ -245,6 +259,7 @@ class BudgetFitter:
 
     def _decide(self, drift_factor: float) -> BudgetDecision:
         points = rescale(self._measured, drift_factor) if drift_factor != 1.0 else self._measured
-        self.decision = choose_budget(points, self.policy, drift_factor)
+        fixed = self._fixed_cost_s * drift_factor if self._fixed_cost_s is not None else None
+        self.decision = choose_budget(points, self.policy, drift_factor, fixed)
         self._drift = DriftState(decided_s=self.clock())
         return self.decision

@@ -39,7 +39,7 @@ from polyray.registry.model_dir import ModelDir
 log = logging.getLogger(__name__)
 
 # Bump when the exported graph or the int8 recipe changes: old builds are then never reused.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 4
 OPSET = 17
 GRAPH_FILE = "model.onnx"
 META_FILE = "meta.json"
@@ -183,9 +183,7 @@ def ensure_build(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(
-    model_dir: ModelDir, precision: str, out: Path, calibration_ids: Sequence[Sequence[int]]
-) -> dict[str, Any]:
+def _export(model_dir: ModelDir, precision: str, out: Path, calibration_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
     """Write the graph for ``precision`` to ``out``; returns facts for ``meta.json``."""
     if precision == "fp32":
         export_fp32(model_dir, out, load_export_model(model_dir))

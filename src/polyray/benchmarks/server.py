@@ -25,15 +25,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(home: Path, config_toml: str, port: int) -> subprocess.Popen[bytes]:
-    """The server process, ready to serve; ``SystemExit`` if it exits or is not ready in time."""
+def start_server(
+    home: Path, config_toml: str, port: int, ready_timeout_s: float = READY_TIMEOUT_S
+) -> subprocess.Popen[bytes]:
+    """The server process, ready to serve; ``SystemExit`` if it exits or is not ready in time.
+
+    ``ready_timeout_s``: a first start of an ONNX model exports (and for int8 calibrates) its build.
+    """
     config = home / "polyray.toml"
     config.write_text(config_toml)
     cmd = [sys.executable, "-m", "polyray.cli", "--log-level", "warning", "serve", "--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port)], env={**os.environ, "HF_HUB_OFFLINE": "1", "POLYRAY_HOME": str(home)}
     )
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"bench: the server exited with {proc.returncode}")
@@ -45,7 +50,7 @@ def start_server(home: Path, config_toml: str, port: int) -> subprocess.Popen[by
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"bench: the server did not become ready in {READY_TIMEOUT_S:.0f} s")
+    raise SystemExit(f"bench: the server did not become ready in {ready_timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -74,7 +74,9 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(cfg, "head")
     after = schema_version(engine)
     if after != before:
-        log.info("ledger schema %s -> %s (%s)", before or "empty", after, engine.url.render_as_string(hide_password=True))
+        log.info(
+            "ledger schema %s -> %s (%s)", before or "empty", after, engine.url.render_as_string(hide_password=True)
+        )
 
 
 def schema_version(engine: Engine) -> str | None:

@@ -18,6 +18,7 @@ from polyray.engine.budget_fit import (
     fit_cost,
     observe_drift,
     rescale,
+    should_wait,
 )
 
 BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -88,15 +89,48 @@ def test_tighter_target_gives_a_smaller_budget() -> None:
     assert tight.worst_latency_ms <= 120 and tight.meets_target
 
 
-def test_flat_curve_chooses_the_knee_not_the_largest() -> None:
-    # Throughput saturates at 1,024 tokens (a full queue window): bigger budgets add only latency.
+def test_flat_curve_takes_the_largest_budget_the_target_allows() -> None:
+    # Throughput saturates at 1,024 tokens (a full queue window). The backend alone cannot tell
+    # the budgets past the knee apart, but served batches can (module docstring): take the
+    # largest one the latency target allows.
     points = synthetic_curve(0.001, 50e-6, saturate_tokens=1024)
+    assert choose_budget(points, FitPolicy(latency_target_ms=10_000)).budget_tokens == 8192
+    # Worst latency 1 ms wait + 2 × (1 + 0.05 × tokens) ms: 84.9 ms at 1,024 (819 tokens), 105.4 ms
+    # from 2,048 on (1,024 tokens, the window), 44.0 ms at 512.
+    tight = choose_budget(points, FitPolicy(latency_target_ms=90))
+    assert tight.budget_tokens == 1024 and tight.worst_latency_ms <= 90
+    assert choose_budget(points, FitPolicy(latency_target_ms=80)).budget_tokens == 512
+
+
+def test_a_budget_measured_slower_is_passed_over() -> None:
+    points = synthetic_curve(0.001, 50e-6)
+    dip = points[-1]
+    points[-1] = CurvePoint(
+        dip.budget_tokens,
+        dip.num_batches,
+        dip.num_sequences,
+        dip.num_tokens,
+        dip.cost_tokens,
+        dip.compute_s * 1.2,
+        dip.p90_batch_ms * 1.2,
+    )
     decision = choose_budget(points, FitPolicy(latency_target_ms=10_000, tolerance=0.03))
-    best = max(p.tokens_per_s for p in points)
-    assert decision.expected_tokens_per_s >= 0.97 * best
-    assert decision.budget_tokens <= 2048
-    smaller = [p for p in points if p.budget_tokens < decision.budget_tokens]
-    assert all(p.tokens_per_s < 0.97 * best for p in smaller)
+    assert decision.budget_tokens == 4096
+
+
+def test_measured_fixed_cost_replaces_the_intercept() -> None:
+    # Small batches run less efficiently: a concave curve whose least-squares intercept overstates
+    # the cost of a call. The measured minimal call sets max_wait and overhead_tokens instead.
+    points = [
+        CurvePoint(b, 10, 10 * n, 10 * n * 30, 10 * n * 30, 10 * (0.0005 + n * 30 * 60e-6 * (1 + 2 / n)), 1)
+        for b, n in ((128, 4), (512, 16), (2048, 64))
+    ]
+    fitted = choose_budget(points, FitPolicy())
+    measured = choose_budget(points, FitPolicy(), fixed_cost_s=0.0005)
+    assert fitted.cost.overhead_s > 0.003  # the concavity, read as a fixed cost
+    assert measured.cost.overhead_s == 0.0005 and measured.max_wait_ms == 0.5
+    assert measured.cost.s_per_token == pytest.approx(fit_cost(points, 0.0005).s_per_token)
+    assert measured.overhead_tokens < fitted.overhead_tokens
 
 
 def test_no_feasible_budget_takes_the_least_latency_and_says_so() -> None:
@@ -191,3 +225,19 @@ def test_drift_waits_for_the_refit_interval() -> None:
         assert factor is None  # faster by 2x, but within a minute of the last decision
     state, factor = observe_drift(state, cost, 100, 0.5 * cost.predict_s(100), now_s=161.0, policy=policy)
     assert factor == pytest.approx(0.5) and math.log(factor) < 0
+
+
+def test_wait_only_when_enough_arrivals_are_expected_to_share_the_call() -> None:
+    cost = LinearCost(overhead_s=0.002, s_per_token=50e-6)
+    assert not should_wait(1, arrivals_per_s=150.0, cost=cost)  # one sequential client: 0.3 expected
+    assert should_wait(1, arrivals_per_s=600.0, cost=cost)  # 1.2 expected per call cost: worth it
+    assert not should_wait(4, arrivals_per_s=1000.0, cost=cost)  # 4 already waiting pay more than 2 save
+    assert not should_wait(1, arrivals_per_s=1e6, cost=LinearCost(0.0, 50e-6))  # no fixed cost, no reason
+
+
+@given(n=st.integers(1, 64), rate=st.floats(0, 1e5), overhead_s=st.floats(0, 0.05))
+def test_wait_decision_is_monotone(n: int, rate: float, overhead_s: float) -> None:
+    cost = LinearCost(overhead_s, 50e-6)
+    if should_wait(n, rate, cost):
+        assert should_wait(n, rate * 2, cost)  # more arrivals: still worth it
+        assert n == 1 or should_wait(n - 1, rate, cost)  # fewer waiting: still worth it

