@@ -19,10 +19,11 @@ Threads: ``intra_op_num_threads`` = the cores given (``default_threads``), one i
 sequential execution. ORT releases the GIL during ``run``, so the event loop's HTTP work and the
 tokenization of the next requests proceed while a batch computes. Pool threads spin between the
 operators of a run (ORT's default): a run is ~100 operators, and waking a sleeping thread for
-each cost more than the spinning takes from the event loop. Measured in ``polyray bench``, one
-run, spin on against off: a short sentence alone 1.5 against 3.1 ms (int8), batches of 32
-sentences 103 against 134 ms (int8) and 196 against 215 ms (fp32), HTTP throughput 1.81x against
-1.58x sentence-transformers (int8). (For torch, OpenMP's spinning did hurt: bench/README.md.)
+each cost more than the spinning takes from the event loop. Measured, spin on against off: one
+9-token sentence in process 1.5 against 3.1 ms (int8), 3.6 against 4.6 ms (fp32); in two
+``polyray bench`` runs minutes apart, served batches of ~31 sentences 103 against 134 ms (int8)
+and 196 against 215 ms (fp32), HTTP throughput 1.81x against 1.58x sentence-transformers (int8).
+(For torch, OpenMP's spinning did hurt: bench/README.md.)
 """
 
 from __future__ import annotations

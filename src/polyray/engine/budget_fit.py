@@ -19,14 +19,11 @@ The decision:
 3. A budget is *feasible* when a request's worst latency under saturation, ``max_wait + 2 × p90
    batch time`` (it just missed a batch, waits for it, then rides the next full one), is within
    the latency target.
-4. Among feasible budgets whose throughput is within ``tolerance`` of the best feasible one,
-   take the *largest*. The measurement sees the backend only; a served batch also costs the
-   event loop and the worker hand-off, and on a host whose cores the HTTP work shares, smaller
-   batches split closed-loop clients into cohorts whose HTTP work then competes with the other
-   cohort's compute. Measured with ``polyray bench`` (int8, 32 clients): budget 1,024 (max wait
-   1 ms) gave 1.55x sentence-transformers where 4,096 (max wait 0.5 ms) gave 1.81-1.85x, though
-   the backend alone ran both budgets within 1 % of each other. The latency target is what bounds the budget. When no budget is feasible, take the one
-   with the least worst latency and say so.
+4. Among feasible budgets, take the smallest whose throughput is within ``tolerance`` of the best
+   feasible one: past the knee of the curve a bigger budget buys noise, not throughput, and costs
+   latency. When none is feasible, take the one with the least worst latency and say so. (Served
+   over HTTP, budgets 1,024 and 4,096 ran int8 at 1.83x and 1.76-1.85x sentence-transformers in
+   ``polyray bench`` runs minutes apart: no sign that larger batches pay beyond the knee.)
 
 Drift: ``observe_drift`` compares each served batch's compute time with the fitted line. When the
 smoothed ratio leaves ``[1 / drift_ratio, drift_ratio]`` (other tenants on the host, thermal
@@ -72,7 +69,7 @@ class CurvePoint:
 @dataclass(frozen=True)
 class FitPolicy:
     latency_target_ms: float = 500.0  # worst case under saturation; typical latency is about half
-    tolerance: float = 0.03  # budgets within 3 % of the best feasible throughput count as equal
+    tolerance: float = 0.03  # smallest budget within 3 % of the best feasible throughput
     max_wait_cap_ms: float = 10.0
     drift_ratio: float = 1.25  # re-decide when batches run 25 % slower (or faster) than the fit says
     drift_min_batches: int = 32  # batches observed since the last decision before drift counts
@@ -208,9 +205,9 @@ def choose_budget(
     feasible = [p for p in measured if worst_ms(p) <= policy.latency_target_ms]
     if feasible:
         best = max(p.tokens_per_s for p in feasible)
-        chosen = [p for p in feasible if p.tokens_per_s >= (1.0 - policy.tolerance) * best][-1]
+        chosen = next(p for p in feasible if p.tokens_per_s >= (1.0 - policy.tolerance) * best)
         reason = (
-            f"largest budget within {policy.tolerance:.0%} of the best throughput ({best:.0f} tokens/s) "
+            f"smallest budget within {policy.tolerance:.0%} of the best throughput ({best:.0f} tokens/s) "
             f"whose worst latency {worst_ms(chosen):.1f} ms meets the {policy.latency_target_ms:g} ms target"
         )
     else:

@@ -89,33 +89,21 @@ def test_tighter_target_gives_a_smaller_budget() -> None:
     assert tight.worst_latency_ms <= 120 and tight.meets_target
 
 
-def test_flat_curve_takes_the_largest_budget_the_target_allows() -> None:
-    # Throughput saturates at 1,024 tokens (a full queue window). The backend alone cannot tell
-    # the budgets past the knee apart, but served batches can (module docstring): take the
-    # largest one the latency target allows.
+def test_flat_curve_chooses_the_knee_not_the_largest() -> None:
+    # Throughput saturates at 1,024 tokens (a full queue window): bigger budgets add only latency.
     points = synthetic_curve(0.001, 50e-6, saturate_tokens=1024)
-    assert choose_budget(points, FitPolicy(latency_target_ms=10_000)).budget_tokens == 8192
-    # Worst latency 1 ms wait + 2 × (1 + 0.05 × tokens) ms: 84.9 ms at 1,024 (819 tokens), 105.4 ms
-    # from 2,048 on (1,024 tokens, the window), 44.0 ms at 512.
-    tight = choose_budget(points, FitPolicy(latency_target_ms=90))
-    assert tight.budget_tokens == 1024 and tight.worst_latency_ms <= 90
-    assert choose_budget(points, FitPolicy(latency_target_ms=80)).budget_tokens == 512
-
-
-def test_a_budget_measured_slower_is_passed_over() -> None:
-    points = synthetic_curve(0.001, 50e-6)
-    dip = points[-1]
-    points[-1] = CurvePoint(
-        dip.budget_tokens,
-        dip.num_batches,
-        dip.num_sequences,
-        dip.num_tokens,
-        dip.cost_tokens,
-        dip.compute_s * 1.2,
-        dip.p90_batch_ms * 1.2,
-    )
     decision = choose_budget(points, FitPolicy(latency_target_ms=10_000, tolerance=0.03))
-    assert decision.budget_tokens == 4096
+    best = max(p.tokens_per_s for p in points)
+    assert decision.expected_tokens_per_s >= 0.97 * best
+    assert decision.budget_tokens <= 2048
+    smaller = [p for p in points if p.budget_tokens < decision.budget_tokens]
+    assert all(p.tokens_per_s < 0.97 * best for p in smaller)
+
+
+def test_tolerance_zero_takes_the_best_feasible_throughput() -> None:
+    points = synthetic_curve(0.020, 50e-6)
+    decision = choose_budget(points, FitPolicy(latency_target_ms=10_000, tolerance=0.0))
+    assert decision.budget_tokens == 8192  # throughput still rises with the budget on this curve
 
 
 def test_measured_fixed_cost_replaces_the_intercept() -> None:
