@@ -110,7 +110,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from polyray.benchmarks.serve_bench import BenchOptions, run_bench
+    from polyray.benchmarks.serve_bench import SHORT_SENTENCE, BenchOptions, run_bench
 
     report = run_bench(
         BenchOptions(
@@ -120,6 +120,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             config=args.config,
             json_out=args.json,
+            single_requests=args.single_requests,
+            single_text=args.single_text or SHORT_SENTENCE,
+            include_torch=args.with_torch,
         )
     )
     print(report)
@@ -146,10 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="HTTP throughput and latency against in-process sentence-transformers")
     bench.add_argument("--sentences", type=int, default=2000)
     bench.add_argument("--concurrency", type=int, default=32)
-    bench.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: all cores)")
+    bench.add_argument("--threads", type=int, default=None, help="threads for every side (default: all cores)")
     bench.add_argument("--rounds", type=int, default=2, help="interleaved rounds of each side")
-    bench.add_argument("--config", help="server config (its model list is replaced by the packaged model)")
+    bench.add_argument("--config", help="server config without [[models]] (the bench adds both builds)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--single-requests", type=int, default=200, help="one-sentence requests per side")
+    bench.add_argument("--single-text", help="the one short sentence (default: a 9-token sentence)")
+    bench.add_argument("--with-torch", action="store_true", help="also serve and measure the packed torch backend")
     bench.set_defaults(func=cmd_bench)
 
     from polyray.cli_tenancy import add_tenancy_commands
