@@ -54,7 +54,7 @@ Example (every key optional)::
     precision = "fp32"                  # onnx only: "int8" needs its own entry, version = "1-int8"
     min_cosine = 0.99                   # int8: served only if every probe input's cosine to fp32 reaches this
     cache_dir = "~/.cache/polyray"      # exported builds; default $POLYRAY_CACHE_DIR, else ~/.cache/polyray
-    fit_batch_budget = true             # budget fit (engine.budget_fit); the runner does not apply it yet
+    fit_batch_budget = true             # measure budget/max_wait at start (engine.budget_fit); not for "dummy"
     batch_latency_target_ms = 500.0     # ... keeping max_wait + two full batches under this
 """
 

@@ -186,12 +186,22 @@ async def test_client_key_cannot_reach_admin_routes(api: Served) -> None:
         ("PATCH", f"/clients/{FIRST_CLIENT}", {"share": 100.0}),
         ("POST", f"/clients/{FIRST_CLIENT}/rotate-key", None),
         ("GET", "/usage", None),
+        ("GET", "/models/minilm/batching", None),
+        ("POST", "/models/minilm/fit", None),
     ):
         response = await api.admin(method, path, body, key=api.client_key)
         assert_error(response, 403, "forbidden", "admin_only")
     clients = (await api.admin("GET", "/clients")).json()["data"]
     assert [c["name"] for c in clients] == [FIRST_CLIENT]
     assert clients[0]["share"] == 1.0
+
+
+async def test_admin_batching_routes(api: Served) -> None:
+    report = (await api.admin("GET", "/models/minilm/batching")).json()
+    assert report["model"] == "minilm@1" and report["fitted"] is False  # the dummy backend is not fitted
+    assert report["budget_tokens"] == 4096 and report["decision"] is None
+    assert_error(await api.admin("POST", "/models/minilm/fit"), 400, "invalid_request", "budget_fit_disabled")
+    assert_error(await api.admin("GET", "/models/nomodel/batching"), 404, "not_found", "model_not_found")
 
 
 async def test_admin_routes_without_a_key_are_401(api: Served) -> None:

@@ -100,10 +100,18 @@ def test_int8_build_is_its_own_version_and_close_to_fp32(server_url: str, refere
     assert cosines.mean() < 0.99999  # really the int8 build
 
 
-def test_models_lists_both_precisions(server_url: str) -> None:
+def test_models_lists_both_precisions_with_measured_cosine_and_fitted_budget(server_url: str) -> None:
     body = httpx.get(f"{server_url}/v1/models").json()
-    text = str(body)
-    assert "minilm@1" in text and "minilm@1-int8" in text
+    models = {m["id"]: m for m in body["data"]}
+    assert set(models) == {"minilm@1", "minilm@1-int8"}
+    assert models["minilm@1"]["precision"] == "fp32" and models["minilm@1"]["cosine_to_reference"] >= 0.9999
+    int8 = models["minilm@1-int8"]
+    assert int8["precision"] == "int8" and 0.99 <= int8["cosine_to_reference"] < 0.99999
+    for model in models.values():  # the budget was measured on this machine before serving
+        batching = model["batching"]
+        assert batching["fitted"] is True
+        assert batching["budget_tokens"] in (128, 256, 512, 1024, 2048, 4096, 8192)
+        assert 0 <= batching["max_wait_ms"] <= 10 and batching["expected_tokens_per_s"] > 0
 
 
 def test_concurrent_single_requests_on_both_versions(server_url: str, reference: np.ndarray) -> None:

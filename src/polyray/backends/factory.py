@@ -40,9 +40,10 @@ def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
     """The batch-budget fitter for one model version, or None when ``fit_batch_budget`` is off.
 
     The runner calls ``fit(backend, policy)`` on its worker thread before serving and applies
-    ``decision.apply(policy)``; see ``backends.calibrate.BudgetFitter``.
+    ``decision.apply(policy)``; see ``backends.calibrate.BudgetFitter``. The dummy backend is not
+    fitted: its speed is no hardware's, and tests start many servers on it.
     """
-    if not config.fit_batch_budget:
+    if not config.fit_batch_budget or config.backend == "dummy":
         return None
     return BudgetFitter(
         FitPolicy(latency_target_ms=config.batch_latency_target_ms), name=f"{config.name}@{config.version}"

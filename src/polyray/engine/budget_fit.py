@@ -280,3 +280,25 @@ def observe_drift(
     ):
         return state, math.exp(state.log_ratio)
     return state, None
+
+
+@dataclass(frozen=True)
+class ArrivalRate:
+    """Exponentially decayed arrivals per second (time constant ``tau_s``); feeds ``should_wait``.
+
+    Each arrival adds ``1 / tau_s`` and the sum decays by ``exp(-Δt / tau_s)``, so a steady stream
+    of ``r`` arrivals per second reads ``r`` and a stream that stops fades within a few ``tau_s``.
+    Immutable: ``observe`` returns the next state (the runner keeps the latest).
+    """
+
+    tau_s: float = 1.0
+    rate_per_s: float = 0.0
+    at_s: float = float("-inf")
+
+    def rate_at(self, now_s: float) -> float:
+        if self.at_s == float("-inf"):
+            return 0.0
+        return self.rate_per_s * math.exp(-max(0.0, now_s - self.at_s) / self.tau_s)
+
+    def observe(self, now_s: float, count: int = 1) -> ArrivalRate:
+        return replace(self, rate_per_s=self.rate_at(now_s) + count / self.tau_s, at_s=now_s)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from polyray.backends.base import Backend
-from polyray.backends.factory import build_backend
+from polyray.backends.factory import build_backend, build_budget_fitter
 from polyray.cache.service import EngineCache
 from polyray.config import Settings
 from polyray.engine.engine import Engine
 from polyray.engine.observer import EngineObserver
+from polyray.engine.runner import BudgetFitter
 from polyray.tenancy.accounts import Accounts
 from polyray.types import ModelRef
 
@@ -16,6 +17,9 @@ def build_engine(
     settings: Settings, observer: EngineObserver | None = None, accounts: Accounts | None = None
 ) -> Engine:
     backends: dict[ModelRef, Backend] = {ModelRef(m.name, m.version): build_backend(m) for m in settings.models}
+    fitters: dict[ModelRef, BudgetFitter] = {
+        ModelRef(m.name, m.version): f for m in settings.models if (f := build_budget_fitter(m)) is not None
+    }
     cache = EngineCache(settings.cache, list(backends)) if settings.cache.enabled else None
     return Engine(
         backends,
@@ -25,4 +29,5 @@ def build_engine(
         accounts=accounts,
         fairness=settings.fairness,
         cache=cache,
+        fitters=fitters,
     )

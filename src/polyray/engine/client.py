@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from polyray.engine.budget_fit import BudgetDecision
 from polyray.engine.engine import ModelInfo
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
 
@@ -27,4 +28,8 @@ class EngineClient(Protocol):
 
     def cache_report(self) -> dict[str, Any] | None:
         """What the result cache holds and the tuner decided; None when the cache is off."""
+        ...
+
+    async def refit(self, model: str) -> BudgetDecision:
+        """Re-measure a version's batch budget on its hardware and apply the decision."""
         ...

@@ -20,9 +20,10 @@ from polyray.backends.base import Backend, Tokenized
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
 from polyray.engine.batcher import BatchPolicy
+from polyray.engine.budget_fit import BudgetDecision
 from polyray.engine.observer import EngineObserver, NullObserver
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import FairnessPolicy, ModelRunner
+from polyray.engine.runner import BudgetFitter, FairnessPolicy, ModelRunner
 from polyray.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.model import PriorityClass
@@ -43,6 +44,9 @@ class ModelInfo:
     max_seq_tokens: int
     backend: str
     ready: bool
+    precision: str = "fp32"
+    cosine_to_reference: float | None = None  # least probe cosine to the fp32 reference, measured at load
+    batching: dict[str, Any] | None = None  # policy in force and the fitted decision (``ModelRunner.batching_report``)
 
 
 class Engine:
@@ -56,6 +60,7 @@ class Engine:
         accounts: Accounts | None = None,
         fairness: FairnessPolicy | None = None,
         cache: EngineCache | None = None,
+        fitters: dict[ModelRef, BudgetFitter] | None = None,
     ) -> None:
         if not backends:
             raise ValueError("the engine needs at least one model")
@@ -84,6 +89,7 @@ class Engine:
                 fairness,
                 functools.partial(self._charge_batch_share, ref),
                 functools.partial(self._note_compute, ref) if cache is not None else None,
+                (fitters or {}).get(ref),
             )
             for ref, backend in backends.items()
         }
@@ -135,12 +141,32 @@ class Engine:
 
     def models(self) -> list[ModelInfo]:
         return [
-            ModelInfo(ref, r.backend.dim, r.backend.max_seq_tokens, r.backend.description, r.ready)
+            ModelInfo(
+                ref,
+                r.backend.dim,
+                r.backend.max_seq_tokens,
+                r.backend.description,
+                r.ready,
+                r.backend.precision,
+                r.backend.cosine_to_reference,
+                r.batching_report(),
+            )
             for ref, r in sorted(self.runners.items(), key=lambda item: (item[0].name, _version_key(item[0])))
         ]
 
     def cache_report(self) -> dict[str, Any] | None:
         return self.cache.report() if self.cache is not None else None
+
+    async def refit(self, model: str) -> BudgetDecision:
+        """Re-measure one version's batch budget now and apply it (``ModelRunner.refit``)."""
+        runner = self.runners[self.resolve(model)]
+        if runner.fitter is None:
+            raise InvalidRequest(
+                f"model {runner.ref} has no batch-budget fit (fit_batch_budget = false)",
+                param="model",
+                code="budget_fit_disabled",
+            )
+        return await runner.refit()
 
     @property
     def measured_compute_ns(self) -> int:

@@ -16,6 +16,13 @@ capped at ``interactive_budget_tokens`` to bound that wait, and while interactiv
 within the batcher's window a batch holds interactive entries only (full budget), so they run
 as fast as with no flood at all (``EntryQueue.candidates``).
 
+Fitted budget: with a ``fitter`` (``backends.calibrate.BudgetFitter``) the runner measures the
+backend at start, before serving, and on demand (``refit``), and applies the decision (budget,
+maximum wait, per-call overhead) to its policy; every served batch is fed to the fitter, which
+re-decides when measured speed drifts from the fit. With a fitted cost line the maximum wait is
+also skipped when waiting cannot pay (``budget_fit.should_wait``: too few arrivals expected
+within one call's fixed cost), so a lone request at low load runs at once.
+
 Cost: each batch's compute (worker wall time, integer ns) is split over its entries by padded
 tokens (``tenancy.costs``) and charged to their clients through ``charge`` as it is measured,
 whether or not the caller is still there, so charged compute always equals measured compute.
@@ -30,11 +37,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 
 from polyray.backends.base import Backend
 from polyray.engine.batcher import BatchPolicy, form_batch
+from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, should_wait
 from polyray.engine.observer import EngineObserver
 from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded
@@ -63,6 +72,16 @@ class FairnessPolicy:
             raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
 
 
+class BudgetFitter(Protocol):
+    """What the runner needs of ``backends.calibrate.BudgetFitter`` (the engine does not import it)."""
+
+    decision: BudgetDecision | None
+
+    def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision: ...
+
+    def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None: ...
+
+
 def compute_rows(backend: Backend, batch: Sequence[Sequence[int]]) -> list[RowOutcome]:
     """Encode ``batch``; on failure retry each row alone so one bad row fails only itself."""
     try:
@@ -89,6 +108,7 @@ class ModelRunner:
         fairness: FairnessPolicy | None = None,
         charge: ChargeSink | None = None,
         on_compute: Callable[[int, int], None] | None = None,
+        fitter: BudgetFitter | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -96,6 +116,9 @@ class ModelRunner:
         self.fairness = fairness or FairnessPolicy()
         self.charge = charge
         self.on_compute = on_compute  # (compute_ns, num_entries) per batch: the cache tuner's cost of a miss
+        self.fitter = fitter
+        self.configured_policy = policy  # before any fit: what the config said
+        self._arrivals = ArrivalRate()
         self.queue = EntryQueue(max_queue_entries, self.fairness.max_client_queue_fraction)
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
@@ -119,13 +142,52 @@ class ModelRunner:
         for text in warmup_texts:
             ids = [t.ids for t in self.backend.tokenize([text])]
             await loop.run_in_executor(self._worker, compute_rows, self.backend, ids * 4)
+        if self.fitter is not None:
+            await self.refit()
         self._task = asyncio.create_task(self._loop(), name=f"runner-{self.ref}")
         self.ready = True
+
+    async def refit(self) -> BudgetDecision:
+        """Measure the budget curve on the worker thread and apply the decision (a few seconds).
+
+        While serving, batches formed meanwhile wait for the worker like any other batch; the
+        measurement uses the fitter's own corpus, not queued requests.
+        """
+        if self.fitter is None:
+            raise ValueError(f"model {self.ref} has no budget fitter (fit_batch_budget = false)")
+        loop = asyncio.get_running_loop()
+        decision = await loop.run_in_executor(self._worker, self.fitter.fit, self.backend, self.policy)
+        self._apply(decision)
+        return decision
+
+    def _apply(self, decision: BudgetDecision) -> None:
+        self.policy = decision.apply(self.policy)
+        log.info(
+            "%s serves with budget %d tokens, max_wait %.2f ms, overhead %d tokens",
+            self.ref,
+            self.policy.budget_tokens,
+            self.policy.max_wait_ms,
+            self.policy.overhead_tokens,
+        )
+
+    def batching_report(self) -> dict[str, Any]:
+        """The policy in force and, when fitted, the decision with the measured curve behind it."""
+        decision = self.fitter.decision if self.fitter is not None else None
+        return {
+            "budget_tokens": self.policy.budget_tokens,
+            "max_wait_ms": self.policy.max_wait_ms,
+            "overhead_tokens": self.policy.overhead_tokens,
+            "max_batch_size": self.policy.max_batch_size,
+            "fitted": decision is not None,
+            "arrivals_per_s": round(self._arrivals.rate_at(self.clock()), 1),
+            "decision": decision.as_dict() if decision is not None else None,
+        }
 
     def submit(self, entries: list[Entry]) -> None:
         if self._closing:
             raise Overloaded("the server is shutting down", code="shutting_down", retry_after_s=5.0)
         self.queue.push(entries)
+        self._arrivals = self._arrivals.observe(self.clock(), len(entries))
         if entries and entries[0].interactive:
             self._last_interactive_s = self.clock()
         self.observer.on_queue_depth(self.ref, len(self.queue))
@@ -194,15 +256,24 @@ class ModelRunner:
             await asyncio.wait([self._running])
 
     def _policy_now(self, now_s: float) -> BatchPolicy:
-        """The batch policy; a batch-class batch is capped while interactive traffic is recent."""
+        """The batch policy now: a batch-class batch is capped while interactive traffic is recent,
+        and the maximum wait is dropped when the fitted cost says waiting cannot pay."""
+        policy = self.policy
         cap = self.fairness.interactive_budget_tokens
         if (
-            cap < self.policy.budget_tokens
+            cap < policy.budget_tokens
             and now_s - self._last_interactive_s <= self.fairness.interactive_window_s
             and self.queue.head_is_batch_class()
         ):
-            return replace(self.policy, budget_tokens=cap)
-        return self.policy
+            policy = replace(policy, budget_tokens=cap)
+        decision = self.fitter.decision if self.fitter is not None else None
+        if (
+            decision is not None
+            and policy.max_wait_ms > 0
+            and not should_wait(len(self.queue), self._arrivals.rate_at(now_s), decision.cost)
+        ):
+            policy = replace(policy, max_wait_ms=0.0)
+        return policy
 
     async def _wait(self, timeout_s: float | None) -> None:
         """Sleep until an arrival, the running batch finishing, or ``timeout_s``."""
@@ -246,6 +317,10 @@ class ModelRunner:
         lengths = [e.num_tokens for e in batch]
         shares_ns = split_batch_compute(compute_ns, lengths, self.backend.padding_free)
         self.measured_compute_ns += compute_ns
+        if self.fitter is not None and compute_ns and exc is None:
+            redecided = self.fitter.observe_batch(lengths, compute_ns / 1e9)
+            if redecided is not None:
+                self._apply(redecided)
         sharer_ns: list[tuple[int, ...]] = []
         for entry, share_ns in zip(batch, shares_ns, strict=True):
             sharers = entry.sharers or [entry.client]

@@ -99,3 +99,23 @@ async def cache_report(request: Request) -> Response:
     state: AppState = request.app.state.polyray
     report = state.engine.cache_report()
     return _json(report if report is not None else {"enabled": False})
+
+
+@router.get("/models/{model}/batching")
+async def batching_report(request: Request, model: str) -> Response:
+    """The batch policy a model version serves with and, when fitted, the measured curve and decision."""
+    require_admin(request)
+    state: AppState = request.app.state.polyray
+    ref = state.engine.resolve(model)
+    info = next(i for i in state.engine.models() if i.ref == ref)
+    return _json({"model": str(ref), **(info.batching or {})})
+
+
+@router.post("/models/{model}/fit")
+async def refit_budget(request: Request, model: str) -> Response:
+    """Re-measure the batch budget on this hardware now (a few seconds; the model's batches wait)."""
+    require_admin(request)
+    state: AppState = request.app.state.polyray
+    ref = state.engine.resolve(model)
+    decision = await state.engine.refit(str(ref))
+    return _json({"model": str(ref), **decision.as_dict()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -38,11 +39,26 @@ async def list_models(request: Request) -> Response:
             "dimensions": info.dim,
             "max_input_tokens": info.max_seq_tokens,
             "backend": info.backend,
+            "precision": info.precision,
+            "cosine_to_reference": info.cosine_to_reference,
+            "batching": _batching_summary(info.batching),
             "ready": info.ready,
         }
         for info in infos
     ]
     return _json({"object": "list", "data": data})
+
+
+def _batching_summary(batching: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The policy in force and the fit's one-line reason; the whole curve is at the admin route."""
+    if batching is None:
+        return None
+    decision = batching.get("decision")
+    return {key: batching[key] for key in ("budget_tokens", "max_wait_ms", "overhead_tokens", "fitted")} | (
+        {"reason": decision["reason"], "expected_tokens_per_s": round(decision["expected_tokens_per_s"])}
+        if decision
+        else {}
+    )
 
 
 @router.get("/healthz")
