@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polyray.backends.cpu import int8_weight_bits
 from polyray.errors import ModelLoadError
 from polyray.registry.model_dir import ModelDir
 
@@ -101,7 +102,9 @@ class Build:
 
 
 def build_name(digest: str, precision: str) -> str:
-    return f"{digest[:16]}-{exporter_id()}-{precision}"
+    """The build directory's name; an int8 build also names its weight bits (``backends.cpu``)."""
+    tag = f"{precision}w{int8_weight_bits()}" if precision == "int8" else precision
+    return f"{digest[:16]}-{exporter_id()}-{tag}"
 
 
 def _valid(directory: Path, digest: str, precision: str) -> dict[str, Any] | None:
@@ -113,6 +116,7 @@ def _valid(directory: Path, digest: str, precision: str) -> dict[str, Any] | Non
             meta.get("weights_sha256") == digest
             and meta.get("precision") == precision
             and meta.get("exporter") == exporter_id()
+            and (precision != "int8" or meta.get("weight_bits") == int8_weight_bits())
             and graph.stat().st_size == meta.get("graph_bytes")
             and _sha256_file(graph) == meta.get("graph_sha256")
         ):
@@ -165,6 +169,7 @@ def ensure_build(
             "graph_bytes": graph.stat().st_size,
             "graph_sha256": _sha256_file(graph),
             "build_s": round(time.perf_counter() - started, 3),
+            **({"weight_bits": int8_weight_bits()} if precision == "int8" else {}),
             **extra,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -197,11 +202,12 @@ def _export(model_dir: ModelDir, precision: str, out: Path, calibration_ids: Seq
         num_smoothed = calibrate_and_smooth(model, calibration_ids, SMOOTH_ALPHA)
         smoothed = out.with_name("smoothed-fp32.onnx")
         export_fp32(model_dir, smoothed, model)
-        num_per_tensor, num_per_token = quantize_int8(smoothed, out, per_token_width(model))
+        weight_bits = int8_weight_bits()
+        num_per_tensor, num_per_token = quantize_int8(smoothed, out, per_token_width(model), weight_bits)
         smoothed.unlink()
         return {
             "int8_recipe": "SmoothQuant + per-tensor dynamic uint8 activations; per-token uint8 activations "
-            "for the FFN output; per-channel int8 weights",
+            f"for the FFN output; per-channel int8 weights ({weight_bits}-bit in the per-tensor layers)",
             "smooth_alpha": SMOOTH_ALPHA,
             "num_calibration_inputs": len(calibration_ids),
             "num_smoothed_linears": num_smoothed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -80,7 +81,26 @@ def test_precisions_and_weights_get_their_own_builds(tmp_path: Path, slow_fake_e
     b = ensure_build(_model_dir(tmp_path / "a"), "int8", cache, calibration_ids=[(101, 102)])
     c = ensure_build(_model_dir(tmp_path / "c", weights=b"other"), "fp32", cache)
     assert len({a.directory, b.directory, c.directory}) == 3
-    assert a.directory.name.endswith("-fp32") and b.directory.name.endswith("-int8")
+    assert a.directory.name.endswith("-fp32") and b.directory.name.endswith(f"-int8w{onnx_export.int8_weight_bits()}")
+
+
+def test_int8_builds_for_other_weight_bits_are_not_reused(
+    tmp_path: Path, slow_fake_export: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    model_dir = _model_dir(tmp_path / "a")
+    monkeypatch.setattr(onnx_export, "int8_weight_bits", lambda: 8)
+    eight = ensure_build(model_dir, "int8", cache, calibration_ids=[(101, 102)])
+    monkeypatch.setattr(onnx_export, "int8_weight_bits", lambda: 7)
+    seven = ensure_build(model_dir, "int8", cache, calibration_ids=[(101, 102)])
+    assert not seven.reused and seven.directory != eight.directory
+    assert (eight.meta["weight_bits"], seven.meta["weight_bits"]) == (8, 7)
+    # An 8-bit-named build whose metadata says 7 bits is not taken for an 8-bit one: it is rebuilt.
+    monkeypatch.setattr(onnx_export, "int8_weight_bits", lambda: 8)
+    meta_path = eight.directory / onnx_export.META_FILE
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "weight_bits": 7}))
+    rebuilt = ensure_build(model_dir, "int8", cache, calibration_ids=[(101, 102)])
+    assert not rebuilt.reused and rebuilt.meta["weight_bits"] == 8
 
 
 def test_build_with_a_foreign_meta_is_replaced(tmp_path: Path, slow_fake_export: list[str]) -> None:
