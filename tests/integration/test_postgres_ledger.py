@@ -215,7 +215,7 @@ async def wait_for(cond: object, what: str, timeout_s: float = 10.0) -> None:
 
 
 def test_migrations_reach_head_and_match_the_schema_module(db: Engine) -> None:
-    assert schema_version(db) == "0001"
+    assert schema_version(db) == "0002"
     with db.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     inspector = sa.inspect(db)

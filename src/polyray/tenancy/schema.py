@@ -59,3 +59,64 @@ usage_batches = sa.Table(
     sa.Column("batch_id", sa.String(36), primary_key=True),
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+# -- task heads (migration 0002) ---------------------------------------------------------------
+
+# One row per (owner, name, model version): a head's parameters fit one embedding space only, so
+# retraining on a new model version adds a row with the same name instead of replacing the old
+# one (clients still on the old version keep their head). ``artifact`` is the npz of HeadParams,
+# read only when a head is loaded for serving (never by the listing queries).
+heads = sa.Table(
+    "heads",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("owner", sa.String(63), nullable=False),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("progress", sa.Float, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("dim_in", sa.Integer, nullable=False),
+    sa.Column("dim_out", sa.Integer, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),  # JSON list
+    sa.Column("options", sa.Text, nullable=False),  # JSON object
+    sa.Column("metrics", sa.Text, nullable=False),  # JSON object
+    sa.Column("num_examples", sa.Integer, nullable=False),
+    sa.Column("artifact", sa.LargeBinary, nullable=True),
+    sa.Column("artifact_sha256", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("owner", "name", "model_name", "model_version", name="uq_heads_owner_name_model"),
+)
+
+# Clients other than the owner that may apply a head (by ``owner/name``).
+head_shares = sa.Table(
+    "head_shares",
+    metadata,
+    sa.Column("head_id", sa.String(40), sa.ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("client", sa.String(63), primary_key=True),
+    sa.Index("ix_head_shares_client", "client"),
+)
+
+# A head's training examples, kept so it can be retrained on a new model version; ``label`` is
+# JSON (a string, a number, a list of strings, or null).
+head_examples = sa.Table(
+    "head_examples",
+    metadata,
+    sa.Column("head_id", sa.String(40), sa.ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+)
+
+# A single row (id 1) whose counter every committed change to the three head tables increments,
+# in the same transaction: a server polls it (one primary-key read) to notice heads created,
+# trained, shared or deleted by another process, without trusting clocks across machines.
+head_generation = sa.Table(
+    "head_generation",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+)

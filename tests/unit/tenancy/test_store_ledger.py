@@ -82,7 +82,7 @@ def test_new_database_migrates_to_head(tmp_path: Path) -> None:
     engine = open_database(f"sqlite:///{path}")
     try:
         assert path.exists()
-        assert schema_version(engine) == "0001"
+        assert schema_version(engine) == "0002"
         names = set(sa.inspect(engine).get_table_names())
         assert {"clients", "api_keys", "usage_minutes", "usage_batches", "alembic_version"} <= names
     finally:
@@ -90,7 +90,7 @@ def test_new_database_migrates_to_head(tmp_path: Path) -> None:
     # Opening again is a no-op upgrade and keeps the data.
     again = open_database(f"sqlite:///{path}")
     try:
-        assert schema_version(again) == "0001"
+        assert schema_version(again) == "0002"
     finally:
         again.dispose()
 
