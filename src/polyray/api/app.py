@@ -9,10 +9,12 @@ from fastapi import FastAPI
 
 from polyray import __version__
 from polyray.api.errors import install_error_handlers
-from polyray.api.routes import admin, embeddings, system, usage
+from polyray.api.routes import admin, embeddings, heads, system, usage
 from polyray.api.state import AppState
 from polyray.config import Settings
 from polyray.engine.client import EngineClient
+from polyray.heads.service import HeadService
+from polyray.heads.store import HeadStore
 from polyray.observability.metrics import Metrics
 from polyray.tenancy.service import Tenancy
 
@@ -25,7 +27,18 @@ def create_app(
     tenancy: Tenancy | None = None,
 ) -> FastAPI:
     """The engine starts (loads and warms) with the app and drains on shutdown; then the usage
-    ledger flushes, so the compute of every drained request is on record."""
+    ledger flushes, so the compute of every drained request is on record. With a client database
+    the heads service starts after the engine (its training jobs embed through it) and stops first."""
+    head_service = (
+        HeadService(
+            HeadStore(tenancy.db),
+            engine,
+            tenancy.accounts,
+            dims={info.ref: info.dim for info in engine.models()},
+        )
+        if tenancy is not None
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -34,7 +47,13 @@ def create_app(
         try:
             await engine.start(warmup=warmup)
             try:
-                yield
+                if head_service is not None:
+                    await head_service.start()
+                try:
+                    yield
+                finally:
+                    if head_service is not None:
+                        await head_service.stop()
             finally:
                 await engine.stop()
         finally:
@@ -42,10 +61,11 @@ def create_app(
                 await tenancy.stop()
 
     app = FastAPI(title="polyray", version=__version__, lifespan=lifespan)
-    app.state.polyray = AppState(engine, settings, metrics or Metrics(), tenancy)
+    app.state.polyray = AppState(engine, settings, metrics or Metrics(), tenancy, head_service)
     install_error_handlers(app)
     app.include_router(embeddings.router)
     app.include_router(system.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(heads.router)
     return app

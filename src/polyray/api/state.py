@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from polyray.config import Settings
 from polyray.engine.client import EngineClient
+from polyray.heads.service import HeadService
 from polyray.observability.metrics import Metrics
 from polyray.tenancy.service import Tenancy
 from polyray.types import ModelRef
@@ -17,6 +18,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     tenancy: Tenancy | None = None
+    heads: HeadService | None = None  # with tenancy: heads live in the client database
     dims: dict[ModelRef, int] = field(init=False)  # per served version, read once for request checks
 
     def __post_init__(self) -> None:
