@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--with-torch", action="store_true", help="also serve and measure the packed torch backend")
     bench.set_defaults(func=cmd_bench)
 
+    from polyray.cli_heads import add_heads_commands
     from polyray.cli_tenancy import add_tenancy_commands
 
     add_tenancy_commands(sub)
+    add_heads_commands(sub)
     return parser
 
 
