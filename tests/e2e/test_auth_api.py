@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
@@ -463,29 +461,12 @@ async def test_refused_requests_are_not_in_usage(api: Served) -> None:
 # -- the OpenAI SDK against a real server ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def real_server(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> Iterator[tuple[str, str]]:
     tenancy, settings = open_copy(tmp_path, template)
     app = create_app(build_engine(settings, accounts=tenancy.accounts), settings, Metrics(), False, tenancy)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", template[1].client_key
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(app, start_timeout_s=30) as url:
+        yield url, template[1].client_key
 
 
 def test_openai_sdk_with_a_client_key(real_server: tuple[str, str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from server_support import free_port
 
 DIM = 384
 COMMAND_TIMEOUT_S = 60
@@ -108,12 +108,6 @@ def test_serve_with_missing_config_file_exits_2(tmp_path: Path) -> None:
 
 
 # -- serve -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_tenancy import ADMIN_KEY, CLIENT_KEY, COMMAND_TIMEOUT_S, call, env_for, free_port, polyray, stop_serve
+from server_support import free_port
+from test_cli_tenancy import ADMIN_KEY, CLIENT_KEY, COMMAND_TIMEOUT_S, call, env_for, polyray, stop_serve
 
 from polyray.heads.datasets import load_topics
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from server_support import free_port
 
 from polyray.errors import Forbidden, Unauthenticated
 from polyray.tenancy.db import open_database
@@ -221,12 +221,6 @@ def test_usage_report(tmp_path: Path) -> None:
 
 
 # -- serve: the first start bootstraps, the second does not ------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_serve(tmp_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -7,15 +7,13 @@ head never saw, together with a projection head in the same request.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from test_auth_api import free_port
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.config import ModelConfig, Settings, TenancyConfig
@@ -44,19 +42,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     assert tenancy.bootstrap_keys is not None
     settings = Settings(models=(ModelConfig(name="minilm", version="1", threads=2),), tenancy=config)
     app = create_app(build_engine(settings, accounts=tenancy.accounts), settings, Metrics(), True, tenancy)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", tenancy.bootstrap_keys.client_key
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(app) as url:
+        yield url, tenancy.bootstrap_keys.client_key
 
 
 def wait_ready(http: httpx.Client, head_id: str, timeout_s: float = 120.0) -> tuple[dict[str, Any], list[float]]:

@@ -7,15 +7,12 @@ whole suite runs in one session), so this module exports nothing when those ran 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.backends.calibrate import row_cosines
@@ -43,9 +40,6 @@ TEXTS = [
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cache_dir = tmp_path_factory.getbasetemp() / "polyray-onnx-cache"
     cache_dir.mkdir(exist_ok=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     settings = Settings(
         models=(
             ModelConfig(name="minilm", version="1", backend="onnx", threads=2, cache_dir=str(cache_dir)),
@@ -56,18 +50,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cache=CacheConfig(enabled=False),  # the model path, not cache hits
     )
     metrics = Metrics()
-    app = create_app(build_engine(settings, observer=metrics), settings, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        assert thread.is_alive(), "server thread died"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(build_engine(settings, observer=metrics), settings, metrics)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import uvicorn
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.cache.config import CacheConfig
@@ -33,23 +30,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     settings = Settings(cache=CacheConfig(enabled=False))  # these tests check the model path, not cache hits
     metrics = Metrics()
-    app = create_app(build_engine(settings, observer=metrics), settings, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        assert thread.is_alive(), "server thread died"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(build_engine(settings, observer=metrics), settings, metrics)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,22 @@
-"""Fixtures of the Redis integration tests: a private redis-server, and a key prefix cleaned up after the test."""
+"""Fixtures of the integration tests: a private redis-server, a Redis key prefix cleaned up after the
+test, and a fresh PostgreSQL database per test module (tables emptied before each test)."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+import sqlalchemy as sa
+from postgres_support import ADMIN_URL, database_url
 from redis_support import REDIS_URL, PrivateRedis, free_port
+from sqlalchemy.engine import Engine
+
+from polyray.tenancy.db import open_database
+from polyray.tenancy.schema import metadata
 
 
 @pytest.fixture
@@ -34,3 +42,30 @@ async def prefix() -> AsyncIterator[str]:
             await client.delete(*found)
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL database for the test module, dropped (connections and all) afterwards."""
+    name = f"polyray_t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def db(database: str) -> Iterator[Engine]:
+    """The module's database, migrated, direct (not through a forwarder), emptied for each test
+    (the heads' generation row included: the head store re-creates it)."""
+    engine = open_database(database_url(database))
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    yield engine
+    engine.dispose()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import secrets
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
 
@@ -20,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from postgres_support import database_url
 from sqlalchemy.engine import Engine
 
 from polyray.errors import InvalidRequest, NotFound
@@ -31,43 +30,14 @@ from polyray.types import ModelRef
 
 pytestmark = pytest.mark.integration
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 V1 = ModelRef("minilm", "1")
 V2 = ModelRef("minilm", "2")
 EXAMPLES: list[tuple[str, object]] = [("good", "pos"), ("bad", "neg"), ("fine", "pos")]
 
 
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    """A fresh database for this module, dropped (connections and all) afterwards."""
-    name = f"polyray_t_{secrets.token_hex(6)}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture
 def url(database: str) -> str:
-    return f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{database}"
-
-
-@pytest.fixture
-def db(url: str) -> Iterator[Engine]:
-    """The module's database, migrated, emptied for each test (the generation row included: the
-    store re-creates it)."""
-    engine = open_database(url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    yield engine
-    engine.dispose()
+    return database_url(database)
 
 
 @pytest.fixture

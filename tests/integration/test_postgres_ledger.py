@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from postgres_support import PG_HOST, PG_PORT
 from sqlalchemy.engine import Engine
 
 from polyray.errors import Forbidden, Unauthenticated
@@ -36,36 +36,8 @@ from polyray.tenancy.store import ClientStore
 
 pytestmark = pytest.mark.integration
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC).timestamp()
 Totals = dict[str, tuple[int, int, int, int, int]]
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    """A fresh database for this module, dropped (connections and all) afterwards."""
-    name = f"polyray_t_{secrets.token_hex(6)}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
-def db(database: str) -> Iterator[Engine]:
-    """The module's database, migrated, direct (not through a forwarder), emptied for each test."""
-    engine = open_database(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{database}")
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    yield engine
-    engine.dispose()
 
 
 def totals(engine: Engine) -> Totals:
