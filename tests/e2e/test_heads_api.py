@@ -301,6 +301,9 @@ async def test_duplicate_names_unknown_heads_and_bad_infer_bodies(api: HeadsApi)
     ok = {"model": "minilm", "input": "text", "heads": ["topics"]}
     assert_error(await api.infer(api.alice, {**ok, "heads": ["nohead"]}), 404, "not_found", "head_not_found")
     assert_error(await api.infer(api.alice, {**ok, "heads": ["head-000000000000000000000000"]}), 404, "not_found")
+    lookalike = {**body, "name": "head-1"}  # a name that looks like an id is still a name
+    await api.train(api.alice, lookalike)
+    assert (await api.infer(api.alice, {**ok, "heads": ["head-1", "alice/head-1"]})).status_code == 200
     assert_error(await api.infer(api.alice, {**ok, "input": []}), 400, "invalid_request")
     assert_error(await api.infer(api.alice, {**ok, "heads": "topics"}), 400, "invalid_request")
     assert_error(await api.infer(api.alice, {**ok, "model": "minilm@9"}), 404, "not_found", "model_not_found")

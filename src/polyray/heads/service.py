@@ -149,10 +149,8 @@ class HeadService:
         """The head ``client`` means by ``name`` (see the module docstring), visible to it."""
         if not isinstance(name, str) or not name:
             raise InvalidRequest("a head is named by a non-empty string", param="heads", code="invalid_head")
-        if name.startswith("head-"):
-            spec = self._index.get(name)
-            if spec is None:
-                raise NotFound(f"no head {name!r}", param="heads", code="head_not_found")
+        spec = self._index.get(name)  # an id (a name may look like one, but ids are 96 random bits)
+        if spec is not None:
             self._check_visible(client, spec, name)
             if model is not None and spec.model != model:
                 raise self._mismatch(name, [spec], model)
