@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from polyray.heads.artifact import dump_params, load_params, sha256
@@ -114,18 +114,19 @@ def test_malformed_artifacts_raise_value_error(name: str) -> None:
         load_params(corruptions()[name])
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_any_single_byte_change_is_caught_or_harmless(data: st.DataObject) -> None:
-    """Every one-byte corruption either raises ValueError or (zip slack) loads the same parameters."""
+def test_any_single_byte_change_is_caught_or_harmless() -> None:
+    """Every one-byte corruption, at every position (three flips each), either raises ValueError or
+    (zip slack) loads the same parameters. Exhaustive, so CI runs the same cases every time (a
+    random sample once found the zip "encrypted" flag raising RuntimeError)."""
     good = dump_params(params())
-    position = data.draw(st.integers(0, len(good) - 1))
-    value = data.draw(st.integers(0, 255).filter(lambda v: v != good[position]))
-    bad = bytearray(good)
-    bad[position] = value
-    try:
-        loaded = load_params(bytes(bad))
-    except ValueError:
-        return
-    assert loaded.weight.tobytes() == params().weight.tobytes()
-    assert loaded.bias.tobytes() == params().bias.tobytes()
+    expected = params()
+    for position in range(len(good)):
+        for flip in (0x01, 0x20, 0xFF):
+            bad = bytearray(good)
+            bad[position] ^= flip
+            try:
+                loaded = load_params(bytes(bad))
+            except ValueError:
+                continue
+            assert loaded.weight.tobytes() == expected.weight.tobytes(), (position, flip)
+            assert loaded.bias.tobytes() == expected.bias.tobytes(), (position, flip)
