@@ -189,7 +189,8 @@ def measure_budget_curve(
 class BudgetFitter:
     """Measure → decide at start and on demand; watch served batches for drift (one per runner).
 
-    ``fit`` blocks for about ``len(budgets) × time_per_budget_s`` seconds and must run where the backend's
+    ``fit`` blocks for ``len(budgets) × time_per_budget_s`` seconds or more - each budget runs at least one
+    whole queue window per round, 10-15 s for MiniLM on 2 cores - and must run where the backend's
     ``encode`` runs (the runner's worker thread). ``observe_batch`` is cheap and safe to call after
     every batch; it returns a new decision when the measured speed has drifted.
     """

@@ -148,7 +148,7 @@ class ModelRunner:
         self.ready = True
 
     async def refit(self) -> BudgetDecision:
-        """Measure the budget curve on the worker thread and apply the decision (a few seconds).
+        """Measure the budget curve on the worker thread and apply the decision (10-15 s for MiniLM here).
 
         While serving, batches formed meanwhile wait for the worker like any other batch; the
         measurement uses the fitter's own corpus, not queued requests.
