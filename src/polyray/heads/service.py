@@ -100,12 +100,13 @@ class HeadService:
         self._jobs: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        # The stacked product is a small GEMM: numpy's multi-threaded BLAS runs it 4-100x slower on
-        # busy cores than one thread does (heads.apply); the model has its own thread pools.
-        threadpool_limits(limits=1, user_api="blas")
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        # Process-wide, so it happens when the server starts, not when the object is built: the
+        # stacked product is a small GEMM that numpy's multi-threaded BLAS runs 4-100x slower on
+        # busy cores than one thread does (heads.apply); the model has thread pools of its own.
+        threadpool_limits(limits=1, user_api="blas")
         await self._reload()
         for spec in await asyncio.to_thread(self.store.pending):
             self._schedule(spec.head_id)
