@@ -118,7 +118,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
 
 
 def _since(text: str) -> datetime:
-    from polyray.api.tenancy_protocol import parse_time
+    from polyray.timewindow import parse_time
 
     moment = parse_time(text, "--since", None)
     assert moment is not None
