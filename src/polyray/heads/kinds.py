@@ -50,7 +50,7 @@ class HeadStatus(StrEnum):
 
 def check_head_name(name: str) -> str:
     """Head names: lowercase letters, digits, ``_ . -``; 1-63 characters; unique per owner."""
-    if not isinstance(name, str) or not HEAD_NAME.match(name):
+    if not isinstance(name, str) or not HEAD_NAME.fullmatch(name):
         raise InvalidRequest(
             f"invalid head name {name!r}: use 1-63 lowercase letters, digits, '_', '.', '-'",
             param="name",

@@ -60,7 +60,7 @@ class Client:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"client name {name!r} must be 1-63 characters of lower-case letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
