@@ -9,15 +9,31 @@
   vector depends a little on its batch-mates.
 * ``measure_budget_curve`` and ``BudgetFitter``: the batch budget fitted to the hardware
   (``engine.budget_fit`` holds the pure decision).
+* ``FitCache``: the measured curve kept on disk, so a restart on the same machine, weights and
+  build decides from it instead of measuring again (the measurement is most of a start: about
+  35 s for MiniLM on this project's 2-core CPU). The key is everything the measurement depends
+  on: the machine (CPU model, the instruction-set flags kernels dispatch on, cores usable), the
+  model's weight hash, backend, precision, execution path, threads and the library versions.
+  Only the measured curve is cached; the decision is re-made from it with the current policy,
+  and drift re-decides while serving exactly as after a fresh measurement.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
 import random
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +49,7 @@ from polyray.engine.budget_fit import (
     observe_drift,
     rescale,
 )
+from polyray.errors import PolyrayError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +72,36 @@ EDGE_TEXTS = (
     "https://example.com/a/b?c=d&e=f#g",
     "word " * 400,
 )
+
+
+FIT_CACHE_FORMAT = 1
+# Set to 1 to measure at start even when a fit for this machine and build is cached.
+REFIT_ENV = "POLYRAY_REFIT"
+# Instruction-set flags that decide which kernels torch and ONNX Runtime run (a fit made with
+# AVX-512 or VNNI kernels says nothing about a CPU without them).
+_KERNEL_FLAGS = frozenset(
+    {
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512vnni",
+        "avx512_bf16",
+        "avx_vnni",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+        "asimd",
+        "asimddp",
+        "sve",
+    }
+)
+_LIBRARIES = ("torch", "onnxruntime", "transformers")
 
 
 def probe_texts(num_texts: int = 96) -> list[str]:
@@ -186,6 +233,120 @@ def measure_budget_curve(
     ]
 
 
+def machine_fingerprint(cpuinfo: str | None = None) -> dict[str, Any]:
+    """What a measured speed depends on in the machine: CPU model, kernel flags, cores usable.
+
+    ``cpuinfo`` is a ``/proc/cpuinfo`` text (read when None; empty where there is none).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    model = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        name = name.strip().lower()
+        if not sep:
+            continue
+        if name in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        elif name in ("flags", "features") and not flags:
+            flags = set(value.split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 1
+    return {
+        "machine": platform.machine(),
+        "cpu_model": model or platform.processor(),
+        "kernel_flags": sorted(flags & _KERNEL_FLAGS),
+        "num_cpus": os.cpu_count() or 1,
+        "num_usable_cpus": usable,
+    }
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "-"
+    return versions
+
+
+def _refit_forced() -> bool:
+    return os.environ.get(REFIT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class FitCache:
+    """Measured budget curves on disk, one JSON file per key (see the module docstring).
+
+    ``identity`` names the build as configured (backend, precision, execution, threads);
+    ``weights_digest`` is called on the worker thread at the first fit (hashing the weights takes
+    a moment, so it is not done at construction). A file that cannot be read or whose recorded
+    key differs is treated as absent: the worst a damaged cache can cost is one measurement.
+    """
+
+    def __init__(
+        self, directory: Path, identity: Mapping[str, Any], weights_digest: Callable[[], str] | None = None
+    ) -> None:
+        self.directory = directory
+        self.identity = dict(identity)
+        self._weights_digest = weights_digest
+        self._digest: str | None = None
+
+    def key(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        if self._digest is None and self._weights_digest is not None:
+            self._digest = self._weights_digest()
+        return {
+            "format": FIT_CACHE_FORMAT,
+            "machine": machine_fingerprint(),
+            "libraries": _library_versions(),
+            "weights_sha256": self._digest,
+            **self.identity,
+            **extra,
+        }
+
+    def path(self, key: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return self.directory / f"{digest[:32]}.json"
+
+    def load(self, key: Mapping[str, Any]) -> tuple[list[CurvePoint], float, str] | None:
+        """(curve, fixed cost s, when measured) for ``key``, or None."""
+        path = self.path(key)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("key") != json.loads(json.dumps(key)):
+                return None
+            points = [CurvePoint(**point) for point in data["curve"]]
+            return points, float(data["fixed_cost_s"]), str(data.get("measured_at", "?"))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def store(self, key: Mapping[str, Any], points: Sequence[CurvePoint], fixed_cost_s: float) -> Path | None:
+        """Write atomically (a crash leaves the old file or none); a failure only logs: serving goes on."""
+        path = self.path(key)
+        record = {
+            "key": key,
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "fixed_cost_s": fixed_cost_s,
+            "curve": [asdict(point) for point in points],
+        }
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as fh:
+                json.dump(record, fh, indent=1)
+            os.replace(fh.name, path)
+        except OSError as exc:
+            log.warning("could not keep the batch budget fit in %s (%s); the next start measures again", path, exc)
+            return None
+        return path
+
+
 class BudgetFitter:
     """Measure → decide at start and on demand; watch served batches for drift (one per runner).
 
@@ -203,6 +364,7 @@ class BudgetFitter:
         corpus: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        cache: FitCache | None = None,
     ) -> None:
         self.policy = policy or FitPolicy()
         self.budgets = tuple(budgets)
@@ -215,23 +377,80 @@ class BudgetFitter:
         self._fixed_cost_s: float | None = None
         self._padding_free = False
         self._drift: DriftState | None = None
+        self.cache = cache
+        self.from_cache = False  # the decision in force was made from a cached curve
+        self._num_fits = 0
+        self._key: dict[str, Any] | None = None
 
     def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision:
+        """Measure and decide. The first call (at start) reuses a cached curve for this machine and
+        build when there is one and ``$POLYRAY_REFIT`` is not set; later calls (a refit on demand)
+        always measure, and every measurement replaces the cached one."""
+        first = self._num_fits == 0
+        self._num_fits += 1
+        # Keyed by the start's (configured) policy: a refit runs on the fitted policy, and its
+        # measurement must be found by the next start, which again begins from the configured one.
+        if first and self.cache is not None:
+            self._key = self._cache_key(backend, base_policy)
+        key = self._key
+        if self.cache is not None and key is not None and first and not _refit_forced():
+            cached = self.cache.load(key)
+            if cached is not None:
+                self._measured, self._fixed_cost_s, measured_at = cached
+                self._padding_free = backend.padding_free
+                self.from_cache = True
+                decision = self._decide(1.0)
+                log.info(
+                    "batch budget for %s from the fit measured %s on this machine and build (%s); "
+                    "%s=1 or POST /v1/admin/models/{model}/fit measures again:\n%s",
+                    self.name or backend.description,
+                    measured_at,
+                    self.cache.path(key),
+                    REFIT_ENV,
+                    decision.table(),
+                )
+                return decision
         corpus_ids = [t.ids for t in backend.tokenize(self.corpus)]
         started = time.perf_counter()
         self._measured = measure_budget_curve(backend, corpus_ids, self.budgets, base_policy, self.time_per_budget_s)
         shortest = min(corpus_ids, key=len)
         self._fixed_cost_s = measure_fixed_cost_s(backend, (shortest[0], shortest[-1]))
         self._padding_free = backend.padding_free
+        self.from_cache = False
         decision = self._decide(1.0)
+        kept = self.cache.store(key, self._measured, self._fixed_cost_s) if self.cache and key is not None else None
         log.info(
-            "batch budget fit for %s in %.1f s (%s):\n%s",
+            "batch budget fit for %s in %.1f s (%s)%s:\n%s",
             self.name or backend.description,
             time.perf_counter() - started,
             backend.description,
+            f"; kept in {kept} for the next start" if kept else "",
             decision.table(),
         )
         return decision
+
+    def _cache_key(self, backend: Backend, base_policy: BatchPolicy | None) -> dict[str, Any] | None:
+        """Everything besides the machine and build that shapes the measured curve (None: do not cache)."""
+        assert self.cache is not None
+        policy = base_policy or BatchPolicy()
+        try:
+            self.cache.key({})  # hashes the weights once
+        except (OSError, PolyrayError) as exc:
+            log.warning("batch budget fit for %s is not cached: cannot hash the weights (%s)", self.name, exc)
+            return None
+        return self.cache.key(
+            {
+                "backend_class": type(backend).__name__,
+                "backend_precision": backend.precision,
+                "padding_free": backend.padding_free,
+                "budgets": list(self.budgets),
+                "time_per_budget_s": self.time_per_budget_s,
+                "corpus_sha256": hashlib.sha256("\0".join(self.corpus).encode()).hexdigest(),
+                "window": policy.window,
+                "max_batch_size": policy.max_batch_size,
+                "overhead_tokens": policy.overhead_tokens,
+            }
+        )
 
     def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None:
         """Fold one served batch in (token lengths of its entries, its measured compute seconds)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from polyray.backends.base import Backend
-from polyray.backends.calibrate import BudgetFitter
+from polyray.backends.calibrate import BudgetFitter, FitCache
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ModelConfig, default_threads
 from polyray.engine.budget_fit import FitPolicy
@@ -46,5 +46,25 @@ def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
     if not config.fit_batch_budget or config.backend == "dummy":
         return None
     return BudgetFitter(
-        FitPolicy(latency_target_ms=config.batch_latency_target_ms), name=f"{config.name}@{config.version}"
+        FitPolicy(latency_target_ms=config.batch_latency_target_ms),
+        name=f"{config.name}@{config.version}",
+        cache=fit_cache(config),
+    )
+
+
+def fit_cache(config: ModelConfig) -> FitCache:
+    """Where a model entry's measured budget curve is kept: ``<cache dir>/budget-fits`` (``calibrate.FitCache``)."""
+    from polyray.backends.onnx_export import default_cache_root, weights_digest
+
+    identity = {
+        "backend": config.backend,
+        "precision": config.precision,
+        "execution": config.execution,
+        "threads": config.threads or default_threads(),
+        "max_seq_tokens": config.max_seq_tokens,
+    }
+    return FitCache(
+        default_cache_root(config.cache_dir).parent / "budget-fits",
+        identity,
+        lambda: weights_digest(read_model_dir(config.path)),
     )

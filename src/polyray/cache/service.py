@@ -63,6 +63,7 @@ class EngineCache:
         self._task: asyncio.Task[None] | None = None
         self.num_computed = 0
         self.num_deduplicated = 0
+        self._logged_shapes: dict[ModelRef, tuple[int, float | None, str, float]] = {}
 
     @staticmethod
     def key(ref: ModelRef, normalization: str, text: str) -> bytes:
@@ -110,8 +111,14 @@ class EngineCache:
                 ttl_s=decision.ttl_s,
                 window_fraction=decision.window_fraction,
             )
-            log.info(
-                "cache %s: capacity %.1f MB, ttl %s, admission %s, expected hit ratio %.3f, saving %.3g/s (%s)",
+            # Logged at INFO when the shape changes, not every retune: an idle server would
+            # otherwise repeat the same line every minute.
+            shape = (decision.capacity_bytes, decision.ttl_s, decision.admission, decision.window_fraction)
+            changed = self._logged_shapes.get(ref) != shape
+            self._logged_shapes[ref] = shape
+            log.log(
+                logging.INFO if changed else logging.DEBUG,
+                "cache %s retuned: local tier %.1f MB, ttl %s, admission %s, expected hit ratio %.3f, saving %.3g/s (%s)",
                 ref,
                 decision.capacity_bytes / 1e6,
                 "none" if decision.ttl_s is None else f"{decision.ttl_s:.0f} s",

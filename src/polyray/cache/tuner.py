@@ -329,7 +329,9 @@ def plan(
 
 def _reason(capacity_entries: int, policy: Policy, ttl_s: float | None, base_hits: dict[Policy, float]) -> str:
     if capacity_entries == 0:
-        return "no cache: storage costs more than the compute it would save"
+        # Not "cache off": lookups, in-flight dedup and Redis go on, and the next retune grows
+        # the tier as soon as repeats make keeping vectors cheaper than recomputing them.
+        return "local tier kept empty for now: at the traffic sampled, keeping vectors would cost more than recomputing them"
     ranked = ", ".join(f"{policy_label(p)} {h:.3f}" for p, h in sorted(base_hits.items(), key=lambda kv: -kv[1]))
     ttl = "no ttl" if ttl_s is None else f"ttl {ttl_s:.3g} s"
     return f"{policy_label(policy)} at {capacity_entries} entries, {ttl}; simulated hit ratios: {ranked}"
