@@ -14,6 +14,7 @@ Example (every key optional)::
     max_queue_items = 8192
     request_timeout_s = 60.0
     truncate = true            # false: texts over the model's maximum are rejected (400)
+    metrics_auth = "admin"     # per-client /metrics series only with an admin key; "none": to anyone
 
     [batching]
     budget_tokens = 4096       # longest × count of one batch
@@ -89,6 +90,18 @@ class ServerConfig:
     max_queue_items: int = 8192
     request_timeout_s: float = 60.0
     truncate: bool = True
+    # Who sees the per-client series of GET /metrics (polyray_client_*: every client's name,
+    # requests, tokens and compute). "admin" (default): only a scrape that sends an admin key
+    # (Authorization: Bearer <admin key>); without one, /metrics answers the aggregate series
+    # only, so probes and dashboards need no secret while tenants' names and volumes are not
+    # shown to anyone who can reach the port. "none": everyone sees everything (a private
+    # network whose Prometheus holds no key). With [tenancy] auth = "none" (loopback only) there
+    # are no keys, and everything is shown.
+    metrics_auth: str = "admin"
+
+    def __post_init__(self) -> None:
+        if self.metrics_auth not in ("admin", "none"):
+            raise ConfigError(f"[server] metrics_auth must be 'admin' or 'none', got {self.metrics_auth!r}")
 
 
 @dataclass(frozen=True)

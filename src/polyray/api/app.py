@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from polyray import __version__
 from polyray.api.errors import install_error_handlers
+from polyray.api.openapi import install_openapi
 from polyray.api.routes import admin, embeddings, heads, system, usage
 from polyray.api.state import AppState
 from polyray.config import Settings
@@ -68,4 +69,5 @@ def create_app(
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(heads.router)
+    install_openapi(app)
     return app

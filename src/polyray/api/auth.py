@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from polyray.api.state import AppState
-from polyray.errors import Forbidden
+from polyray.errors import Forbidden, Unauthenticated
 from polyray.tenancy.accounts import ANONYMOUS
 from polyray.tenancy.directory import Principal
 from polyray.tenancy.keys import CLIENT_ROLE
@@ -19,12 +19,27 @@ def bearer_key(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" else None
 
 
+# Every 401 says how to send a key, in each of the three ways a caller can (one variable name
+# everywhere: POLYRAY_API_KEY, read by the SDK and the CLI).
+HOW_TO_SEND_A_KEY = (
+    "send the header 'Authorization: Bearer <key>' (the polyray CLI takes --key <key> and the Python SDK "
+    "api_key=...; both read the POLYRAY_API_KEY environment variable when not given one). "
+    "The server prints a first client key on an empty database; an admin makes more with "
+    "'polyray clients create NAME' or POST /v1/admin/clients"
+)
+
+
 def principal(request: Request) -> Principal | None:
     """The authenticated caller; None when the server runs without auth (loopback only)."""
     state: AppState = request.app.state.polyray
     if state.tenancy is None or not state.tenancy.auth_required:
         return None
-    return state.tenancy.directory.authenticate(bearer_key(request))
+    key = bearer_key(request)
+    try:
+        return state.tenancy.directory.authenticate(key)
+    except Unauthenticated as exc:
+        reason = "no API key" if not key else "the API key is not valid (unknown or revoked)"
+        raise Unauthenticated(f"{reason}: {HOW_TO_SEND_A_KEY}", code=exc.code) from None
 
 
 def client_name(request: Request) -> str:

@@ -10,7 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from polyray.api.body import on_client_gone
 from polyray.errors import ErrorKind, PolyrayError
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{exc.detail} ({request.method} {request.url.path})"
         return error_response(kind, message, status=exc.status_code, headers=dict(exc.headers or {}))
 
+    async def on_client_disconnect(request: Request, _: Exception) -> Response:
+        return on_client_gone(request)
+
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return error_response(ErrorKind.BACKEND_ERROR, "internal error; it has been logged")
@@ -85,4 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PolyrayError, on_polyray_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # Handled by ExceptionMiddleware, so it is not re-raised (and logged again) as a 500 would be.
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(Exception, on_unexpected)

@@ -1,4 +1,9 @@
-"""Request bodies and JSON views of the heads API (``/v1/heads``, ``/v1/infer``)."""
+"""Request bodies and JSON views of the heads API (``/v1/heads``, ``/v1/infer``).
+
+Every body model is strict (a string is never read as a bool or a number, ``"yes"`` is not
+``true``) and forbids unknown fields, as ``/v1/embeddings`` does: one rule for every route.
+Texts go through ``texts_from_input``, the same check ``/v1/embeddings`` makes.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from polyray.api.tenancy_protocol import parse_body
+from polyray.api.protocol import INPUT_SCHEMA
+from polyray.api.tenancy_protocol import NAME_SCHEMA, parse_body
 from polyray.errors import InvalidRequest
 from polyray.heads.examples import parse_jsonl
-from polyray.heads.kinds import HeadSpec
+from polyray.heads.kinds import HeadKind, HeadSpec
 
 MAX_HEADS_PER_REQUEST = 256
 
@@ -17,10 +23,11 @@ MAX_HEADS_PER_REQUEST = 256
 class CreateHead(BaseModel):
     """``examples`` (a list of ``{"text", "label"}``) or ``examples_jsonl`` (the same as JSON lines)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str
-    kind: str
+    # The schemas document the rules; the service checks them (with codes such as invalid_head_kind).
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
+    kind: str = Field(json_schema_extra={"enum": [k.value for k in HeadKind]})
     model: str = "minilm"
     examples: list[Any] | None = None
     examples_jsonl: str | None = None
@@ -33,22 +40,22 @@ class CreateHead(BaseModel):
 
 
 class RetrainHead(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
 
 
 class ShareHead(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     clients: list[str] = Field(min_length=1)
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    input: Any
+    input: Any = Field(json_schema_extra=INPUT_SCHEMA)
     heads: list[str] = Field(default_factory=list, max_length=MAX_HEADS_PER_REQUEST)
     return_embedding: bool = False
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polyray.errors import InvalidRequest
-from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.model import NAME_PATTERN, Client, PriorityClass, Quota
 from polyray.tenancy.reports import UsageTotal
 from polyray.tenancy.store import KeyInfo
+
+# Documents the name rule in the OpenAPI document; the store enforces it (fullmatch: no trailing newline).
+NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN.pattern, "minLength": 1, "maxLength": 63}
 
 
 class QuotaFields(BaseModel):
@@ -23,7 +26,7 @@ class QuotaFields(BaseModel):
 
 
 class CreateClient(QuotaFields):
-    name: str
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
     priority: PriorityClass = Field(default=PriorityClass.BATCH, strict=False)  # JSON sends the value as a string
     share: float = Field(default=1.0, gt=0)
 
@@ -79,23 +82,6 @@ def client_view(client: Client, keys: list[KeyInfo] | None = None) -> dict[str, 
             for k in keys
         ]
     return view
-
-
-def parse_time(value: str | None, param: str, default: datetime | None) -> datetime | None:
-    """ISO 8601 date or time (UTC when no zone), or a relative ``-24h`` / ``-7d`` / ``-30m``."""
-    if value is None:
-        return default
-    now = datetime.now(UTC)
-    units = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
-    if value.startswith("-") and value[-1:] in units and value[1:-1].isdigit():
-        return now - int(value[1:-1]) * units[value[-1]]
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"{param}={value!r} is not an ISO 8601 date/time or a relative time like -24h", param=param
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def usage_view(totals: list[UsageTotal], by: str, since: datetime, until: datetime | None) -> dict[str, Any]:

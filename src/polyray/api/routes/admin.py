@@ -14,9 +14,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from polyray.api.auth import require_admin
+from polyray.api.body import read_json
+from polyray.api.openapi import ClientList, ClientView, NewKey, body, errors, ok
 from polyray.api.state import AppState
 from polyray.api.tenancy_protocol import CreateClient, UpdateClient, client_view, parse_body
-from polyray.errors import InvalidRequest
 from polyray.tenancy.service import Tenancy
 
 router = APIRouter(prefix="/v1/admin")
@@ -34,13 +35,24 @@ async def _admin(request: Request) -> Tenancy:
 
 
 async def _json_body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    return await read_json(request)
 
 
-@router.post("/clients")
+_ERRORS = errors(400, 401, 403, 404)
+_BODY_ERRORS = errors(400, 401, 403, 404, 413)
+_FREE_FORM = {"type": "object", "additionalProperties": True}
+
+
+def _report(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description, "content": {"application/json": {"schema": _FREE_FORM}}}, **_ERRORS}
+
+
+@router.post(
+    "/clients",
+    responses={**ok(ClientView, 201, "Created; api_key is shown once"), **_BODY_ERRORS},
+    openapi_extra=body(CreateClient),
+    status_code=201,
+)
 async def create_client(request: Request) -> Response:
     tenancy = await _admin(request)
     body: CreateClient = parse_body(CreateClient, await _json_body(request))
@@ -51,14 +63,14 @@ async def create_client(request: Request) -> Response:
     return _json({**client_view(client), "api_key": key}, 201)
 
 
-@router.get("/clients")
+@router.get("/clients", responses={**ok(ClientList), **_ERRORS})
 async def list_clients(request: Request) -> Response:
     tenancy = await _admin(request)
     clients = await asyncio.to_thread(tenancy.store.all)
     return _json({"object": "list", "data": [client_view(c) for c in clients]})
 
 
-@router.get("/clients/{name}")
+@router.get("/clients/{name}", responses={**ok(ClientView), **_ERRORS})
 async def show_client(request: Request, name: str) -> Response:
     tenancy = await _admin(request)
     client = await asyncio.to_thread(tenancy.store.get, name)
@@ -66,7 +78,7 @@ async def show_client(request: Request, name: str) -> Response:
     return _json(client_view(client, keys))
 
 
-@router.patch("/clients/{name}")
+@router.patch("/clients/{name}", responses={**ok(ClientView), **_BODY_ERRORS}, openapi_extra=body(UpdateClient))
 async def update_client(request: Request, name: str) -> Response:
     tenancy = await _admin(request)
     body: UpdateClient = parse_body(UpdateClient, await _json_body(request))
@@ -84,7 +96,7 @@ async def update_client(request: Request, name: str) -> Response:
     return _json(client_view(client))
 
 
-@router.post("/clients/{name}/rotate-key")
+@router.post("/clients/{name}/rotate-key", responses={**ok(NewKey), **_ERRORS})
 async def rotate_key(request: Request, name: str) -> Response:
     tenancy = await _admin(request)
     key = await asyncio.to_thread(tenancy.store.rotate_key, name)
@@ -92,7 +104,7 @@ async def rotate_key(request: Request, name: str) -> Response:
     return _json({"name": name, "api_key": key})
 
 
-@router.get("/cache")
+@router.get("/cache", responses=_report("The cache report"))
 async def cache_report(request: Request) -> Response:
     """Per model version: hits by tier, the local tier's shape, and the tuner's curve and decision."""
     require_admin(request)
@@ -101,7 +113,7 @@ async def cache_report(request: Request) -> Response:
     return _json(report if report is not None else {"enabled": False})
 
 
-@router.get("/models/{model}/batching")
+@router.get("/models/{model}/batching", responses=_report("The batch policy and the fitted curve"))
 async def batching_report(request: Request, model: str) -> Response:
     """The batch policy a model version serves with and, when fitted, the measured curve and decision."""
     require_admin(request)
@@ -111,7 +123,7 @@ async def batching_report(request: Request, model: str) -> Response:
     return _json({"model": str(ref), **(info.batching or {})})
 
 
-@router.post("/models/{model}/fit")
+@router.post("/models/{model}/fit", responses={**_report("The new decision"), **errors(503)})
 async def refit_budget(request: Request, model: str) -> Response:
     """Re-measure the batch budget on this hardware now (a few seconds; the model's batches wait)."""
     require_admin(request)

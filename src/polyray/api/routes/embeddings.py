@@ -10,30 +10,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from polyray.api.auth import client_name
+from polyray.api.body import CLIENT_CLOSED_REQUEST, read_json
 from polyray.api.errors import polyray_error_response
-from polyray.api.protocol import check_body_size, check_dimensions, encode_vector, parse_embeddings_request
+from polyray.api.openapi import EmbeddingsResponse, body, errors, ok
+from polyray.api.protocol import EmbeddingsRequest, check_dimensions, encode_vector, parse_embeddings_request
 from polyray.api.state import AppState
-from polyray.errors import InvalidRequest, PolyrayError
+from polyray.errors import PolyrayError
 from polyray.types import EmbedRequest, EmbedResult
 
 router = APIRouter()
 ROUTE = "/v1/embeddings"
-# Status for a caller that left before its answer: nginx's convention; nobody reads it.
-CLIENT_CLOSED_REQUEST = 499
-
-
-async def read_body(request: Request, limit_bytes: int) -> bytes:
-    """The body, refusing (413) as soon as it is known to exceed ``limit_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        check_body_size(int(declared), limit_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        check_body_size(size, limit_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -44,8 +30,13 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
-@router.post(ROUTE)
+@router.post(
+    ROUTE,
+    responses={**ok(EmbeddingsResponse), **errors(400, 401, 403, 404, 413, 429, 503)},
+    openapi_extra=body(EmbeddingsRequest),
+)
 async def create_embeddings(request: Request) -> Response:
+    """Embed a text or a list of texts (OpenAI-compatible)."""
     state: AppState = request.app.state.polyray
     try:
         response = await _embed(request, state)
@@ -59,11 +50,7 @@ async def create_embeddings(request: Request) -> Response:
 async def _embed(request: Request, state: AppState) -> Response:
     server = state.settings.server
     client = client_name(request)  # before reading the body: an unauthenticated caller costs nothing
-    body = await read_body(request, server.max_body_bytes)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    payload = await read_json(request, server.max_body_bytes)
     req, texts = parse_embeddings_request(payload, server.max_items)
     ref = state.engine.resolve(req.model)
     check_dimensions(req.dimensions, state.dims[ref])

@@ -10,15 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from polyray.api.auth import client_name
+from polyray.api.body import read_json
 from polyray.api.heads_protocol import CreateHead, InferRequest, RetrainHead, ShareHead, head_view, parse
+from polyray.api.openapi import HeadDeleted, HeadList, HeadView, InferResponse, body, errors, ok
 from polyray.api.protocol import encode_vector, texts_from_input
-from polyray.api.routes.embeddings import read_body
 from polyray.api.state import AppState
-from polyray.errors import Forbidden, InvalidRequest
+from polyray.errors import Forbidden
 from polyray.heads.service import HeadService
 
 router = APIRouter()
@@ -38,15 +39,20 @@ def _heads(request: Request) -> tuple[HeadService, str]:
 
 
 async def _body(request: Request) -> Any:
-    state: AppState = request.app.state.polyray
-    raw = await read_body(request, state.settings.server.max_body_bytes)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    return await read_json(request)
 
 
-@router.post("/v1/heads")
+_MODEL = Query(default=None, description="the model version, when the head's name exists for several")
+_READ_ERRORS = errors(400, 401, 403, 404)
+_WRITE_ERRORS = errors(400, 401, 403, 404, 413)
+
+
+@router.post(
+    "/v1/heads",
+    responses={**ok(HeadView, 202, "Accepted for training"), **_WRITE_ERRORS},
+    openapi_extra=body(CreateHead),
+    status_code=202,
+)
 async def create_head(request: Request) -> Response:
     """Accept a head for training (202): it trains in the background; poll ``GET /v1/heads/{id}``."""
     heads, client = _heads(request)
@@ -55,28 +61,33 @@ async def create_head(request: Request) -> Response:
     return _json(head_view(spec), 202)
 
 
-@router.get("/v1/heads")
-async def list_heads(request: Request, model: str | None = None) -> Response:
+@router.get("/v1/heads", responses={**ok(HeadList), **_READ_ERRORS})
+async def list_heads(request: Request, model: str | None = _MODEL) -> Response:
     heads, client = _heads(request)
     ref = heads.engine.resolve(model) if model else None
     return _json({"object": "list", "data": [head_view(s) for s in heads.visible(client, ref)]})
 
 
-@router.get("/v1/heads/{head:path}")
-async def show_head(request: Request, head: str, model: str | None = None) -> Response:
+@router.get("/v1/heads/{head:path}", responses={**ok(HeadView), **_READ_ERRORS})
+async def show_head(request: Request, head: str, model: str | None = _MODEL) -> Response:
     heads, client = _heads(request)
     return _json(head_view(await heads.get(client, head, model)))
 
 
-@router.delete("/v1/heads/{head:path}")
-async def delete_head(request: Request, head: str, model: str | None = None) -> Response:
+@router.delete("/v1/heads/{head:path}", responses={**ok(HeadDeleted), **_READ_ERRORS})
+async def delete_head(request: Request, head: str, model: str | None = _MODEL) -> Response:
     heads, client = _heads(request)
     spec = await heads.delete(client, head, model)
     return _json({"id": spec.head_id, "object": "head", "deleted": True})
 
 
-@router.post("/v1/heads/{head:path}/retrain")
-async def retrain_head(request: Request, head: str, model: str | None = None) -> Response:
+@router.post(
+    "/v1/heads/{head:path}/retrain",
+    responses={**ok(HeadView, 202, "Accepted for training"), **_WRITE_ERRORS},
+    openapi_extra=body(RetrainHead),
+    status_code=202,
+)
+async def retrain_head(request: Request, head: str, model: str | None = _MODEL) -> Response:
     """Train the same head for another model version from its stored examples (202)."""
     heads, client = _heads(request)
     body: RetrainHead = parse(RetrainHead, await _body(request))
@@ -84,21 +95,27 @@ async def retrain_head(request: Request, head: str, model: str | None = None) ->
     return _json(head_view(spec), 202)
 
 
-@router.post("/v1/heads/{head:path}/share")
+@router.post("/v1/heads/{head:path}/share", responses={**ok(HeadView), **_WRITE_ERRORS}, openapi_extra=body(ShareHead))
 async def share_head(request: Request, head: str) -> Response:
     heads, client = _heads(request)
     body: ShareHead = parse(ShareHead, await _body(request))
     return _json(head_view(await heads.share(client, head, body.clients, share=True)))
 
 
-@router.post("/v1/heads/{head:path}/unshare")
+@router.post(
+    "/v1/heads/{head:path}/unshare", responses={**ok(HeadView), **_WRITE_ERRORS}, openapi_extra=body(ShareHead)
+)
 async def unshare_head(request: Request, head: str) -> Response:
     heads, client = _heads(request)
     body: ShareHead = parse(ShareHead, await _body(request))
     return _json(head_view(await heads.share(client, head, body.clients, share=False)))
 
 
-@router.post("/v1/infer")
+@router.post(
+    "/v1/infer",
+    responses={**ok(InferResponse), **errors(400, 401, 403, 404, 413, 429, 503)},
+    openapi_extra=body(InferRequest),
+)
 async def infer(request: Request) -> Response:
     """Embed each input once and apply every requested head to it (one stacked product)."""
     heads, client = _heads(request)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from polyray.api.auth import principal
+from polyray.api.auth import bearer_key, principal
+from polyray.api.openapi import OPTIONAL_AUTH, ModelList, errors, ok
 from polyray.api.state import AppState
 
 router = APIRouter()
@@ -21,7 +25,7 @@ def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={**ok(ModelList), **errors(401, 403)})
 async def list_models(request: Request) -> Response:
     principal(request)  # any valid key (client or admin); probes use /healthz and /readyz
     state: AppState = request.app.state.polyray
@@ -74,7 +78,43 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ready" if ready else "not_ready", "models": models}, 200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text format"}, **errors(401, 403)},
+    openapi_extra={"security": OPTIONAL_AUTH},
+)
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics; the per-client series only for an admin key (``[server] metrics_auth``)."""
     state: AppState = request.app.state.polyray
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    if _shows_clients(request, state):
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(_WithoutClients(state.metrics.registry)), media_type=CONTENT_TYPE_LATEST)
+
+
+def _shows_clients(request: Request, state: AppState) -> bool:
+    """Per-client series are tenants' data: shown with an admin key, or when the operator opened them.
+
+    A key that is sent must be valid (401 otherwise: a scraper with a stale key should fail loudly,
+    not silently lose series); no key, or a client key, gets the aggregate series."""
+    if state.settings.server.metrics_auth == "none":
+        return True
+    if state.tenancy is None or not state.tenancy.auth_required:
+        return True  # no keys exist: a loopback-only server whose operator is the caller
+    if bearer_key(request) is None:
+        return False
+    who = principal(request)
+    return who is not None and who.is_admin
+
+
+class _WithoutClients(Collector):
+    """The registry's families minus those labelled by client (polyray_client_*)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name.startswith("polyray_client_") or any("client" in s.labels for s in family.samples):
+                continue
+            yield family
