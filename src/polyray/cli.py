@@ -1,10 +1,18 @@
-"""``polyray serve | embed | bench | clients | usage``."""
+"""``polyray serve | embed | bench | clients | usage | heads``: the command line.
+
+``main`` also owns what every command shares: time options that take values starting with ``-``
+(``--since -7d``), quiet HTTP-client logs (``polyray heads`` polls the server twice a second), and
+a reader that stops early (``polyray heads show x | head -2``), which ends the command quietly as
+it does for any Unix tool.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +27,15 @@ if TYPE_CHECKING:
     from polyray.tenancy.service import BootstrapKeys
 
 log = logging.getLogger("polyray")
+
+# Options whose values may start with "-": relative times such as -7d (``tenancy.timewindow``).
+# argparse reads "--since -7d" as two options, so ``join_dash_values`` rewrites it to "--since=-7d".
+DASH_VALUE_OPTIONS = frozenset({"--since", "--until"})
+# 128 + SIGPIPE: what a shell reports for a command whose reader went away (``yes | head -1``).
+EXIT_BROKEN_PIPE = 141
+# Loggers of the HTTP client under ``polyray heads``: one INFO line per request would break the
+# progress bar onto new lines, so they log warnings and errors only.
+_CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 def _load(config: str | None) -> Settings:
@@ -57,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print_bootstrap(tenancy.bootstrap_keys, host, port)
     engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)  # a broken model fails here
     metrics.watch_cache(engine.cache_report)
+    metrics.watch_tenancy(tenancy.health_report)
     app = create_app(engine, settings, metrics, tenancy=tenancy)
     log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
     # uvicorn drains on SIGTERM/SIGINT, restores the previous handlers and re-raises the signal;
@@ -89,7 +107,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from polyray.engine.build import build_engine
     from polyray.types import EmbedRequest
 
+    # A one-shot command: fitting a batch budget (seconds of measurement) cannot pay for a
+    # handful of texts, so every model runs on its configured budget.
     settings = _load(args.config)
+    settings = dataclasses.replace(
+        settings, models=tuple(dataclasses.replace(m, fit_batch_budget=False) for m in settings.models)
+    )
     engine = build_engine(settings)
 
     async def run() -> dict[str, object]:
@@ -166,11 +189,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_dash_values(argv: Sequence[str], options: frozenset[str] = DASH_VALUE_OPTIONS) -> list[str]:
+    """``[..., "--since", "-7d", ...]`` -> ``[..., "--since=-7d", ...]`` for the options in ``options``.
+
+    Only a following token that starts with "-" and a digit is joined (a relative time, never an
+    option name), so ``--since --by client`` still reports the missing value as argparse does.
+    Tokens after ``--`` are positional and left alone.
+    """
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            out.extend(argv[index:])
+            break
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if token in options and len(following) > 1 and following[0] == "-" and following[1].isdigit():
+            out.append(f"{token}={following}")
+            index += 2
+            continue
+        out.append(token)
+        index += 1
+    return out
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away: point stdout at /dev/null so the exit flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a reader that left early fails here, not at exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except (ConfigError, ModelLoadError) as exc:
         print(f"polyray: {exc}", file=sys.stderr)
         return 2

@@ -239,6 +239,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
             return _ACTIONS[args.action](client, args)
     except PolyrayClientError as exc:
         print(f"polyray: {exc.type}: {exc.message}", file=sys.stderr)
+    except BrokenPipeError:  # the reader of stdout left (``| head``): not a bad request; ``cli.main`` ends quietly
+        raise
     except (OSError, ValueError) as exc:  # an unreadable or malformed --data file
         print(f"polyray: invalid_request: {exc}", file=sys.stderr)
     return 1

@@ -189,8 +189,10 @@ def add_tenancy_commands(sub: Any) -> None:
     usage = sub.add_parser("usage", help="usage reports from the ledger")
     usage_actions = usage.add_subparsers(dest="action", required=True)
     report = usage_actions.add_parser("report", parents=[common], help="usage totals for a time range")
-    report.add_argument("--since", help="ISO date/time (UTC) or relative like -24h, -7d (default -24h)")
-    report.add_argument("--until", help="ISO date/time (UTC) or relative")
+    report.add_argument(
+        "--since", help="ISO date/time (UTC) or relative: --since -7d, --since -24h, --since 2026-01-31 (default -24h)"
+    )
+    report.add_argument("--until", help="ISO date/time (UTC) or relative, e.g. --until -1h")
     report.add_argument("--by", choices=["client", "model", "day", "minute"], default="client")
     report.add_argument("--client", help="only this client")
     usage.set_defaults(func=cmd_usage)

@@ -13,6 +13,7 @@ NOTE: these tests need ``polyray heads`` registered in ``polyray.cli.build_parse
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -311,3 +312,50 @@ def test_environment_is_the_default_and_flags_override_it(server: Server) -> Non
         timeout=COMMAND_TIMEOUT_S,
     )
     ok(result)
+
+
+def test_progress_is_not_broken_by_http_client_logs(server: Server) -> None:
+    """At ``--log-level info`` the CLI logs its own lines, but not one ``httpx`` line per poll."""
+    env = {**env_for(server.home), "POLYRAY_URL": server.url, "POLYRAY_API_KEY": server.key}
+    result = subprocess.run(
+        polyray("heads", "train", "logs", "--kind", "classifier", "--data", "topics.jsonl", log_level="info"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=server.data,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    ok(result)
+    assert "HTTP Request" not in result.stderr and "httpx" not in result.stderr, result.stderr
+    assert "100% ready" in result.stderr  # the progress bar is there, on one line
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(server: Server) -> None:
+    """``polyray heads show topics | head -2``: stdout's reader is gone before the output is written."""
+    env = {**env_for(server.home), "POLYRAY_URL": server.url, "POLYRAY_API_KEY": server.key}
+    ok(run(server, "train", "piped", "--kind", "classifier", "--data", "topics.jsonl"))
+    for args in (("show", "piped"), ("list",), ("show", "piped", "--json")):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # every write to stdout now fails with EPIPE, as after `head` exits
+        try:
+            result = subprocess.run(
+                polyray("heads", *args),
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                timeout=COMMAND_TIMEOUT_S,
+            )
+        finally:
+            os.close(write_end)
+        assert result.returncode == 141, (args, result.stderr)  # 128 + SIGPIPE, as a shell reports `yes | head`
+        assert result.stderr == "", (args, result.stderr)
+    piped = subprocess.run(
+        f"{' '.join(polyray('heads', 'show', 'piped'))} | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 2 and piped.stderr == "", piped

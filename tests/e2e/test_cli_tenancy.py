@@ -311,3 +311,32 @@ def test_serve_bootstraps_keys_once_and_keeps_them(tmp_path: Path) -> None:
     finally:
         stop_serve(proc)
     assert proc.returncode == 0, second_log.read_text()
+
+
+def test_usage_report_takes_relative_times_as_the_readme_writes_them(tmp_path: Path) -> None:
+    """``--since -7d`` (a value starting with "-", which argparse alone reads as an option)."""
+    url = f"sqlite:///{tmp_path}/usage.db"
+    engine = open_database(url)
+    now_minute = int(time.time()) // 60 * 60
+    apply_batch(
+        engine,
+        UsageBatch(
+            "recent",
+            (
+                UsageRow("alpha", "minilm", "1", now_minute - 3 * 86_400, 2, 2, 0, 20, 1_000_000_000),
+                UsageRow("beta", "minilm", "1", now_minute - 10 * 86_400, 1, 1, 0, 10, 1_000_000_000),
+            ),
+        ),
+    )
+    engine.dispose()
+    week, fortnight_until_week, help_text = run_all(
+        tmp_path,
+        ("usage", "report", "--database-url", url, "--since", "-7d", "--by", "client"),
+        ("usage", "report", "--database-url", url, "--since", "-14d", "--until", "-7d"),
+        ("usage", "report", "--help"),
+    )
+    out = ok(week)
+    assert row_of(out, "alpha")[1] == "2" and "beta" not in out
+    out = ok(fortnight_until_week)
+    assert row_of(out, "beta")[1] == "1" and "alpha" not in out
+    assert "--since -7d" in ok(help_text)
