@@ -1,4 +1,4 @@
-"""Where the integration tests find PostgreSQL (127.0.0.1:5432, trust auth; see DEVELOPERS.md)."""
+"""Where the integration tests find PostgreSQL (127.0.0.1:5432, user postgres with trust auth; README.md, *Tests need Redis and PostgreSQL*)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The engine's two-tier cache against real Redis: a shared tier between engines, and outages.
 
-Needs Redis at 127.0.0.1:6379 (DEVELOPERS.md) and ``redis-server`` on the PATH for the outage
+Needs Redis at 127.0.0.1:6379 (README.md, *Tests need Redis and PostgreSQL*) and ``redis-server`` on the PATH for the outage
 tests, which run a private server on a free port and kill (or freeze) it mid-stream, so the
 shared instance is never disturbed. Every test uses its own key prefix and deletes its keys.
 """

@@ -1,4 +1,4 @@
-"""The ledger against a real PostgreSQL (127.0.0.1:5432, see DEVELOPERS.md), in a fresh database.
+"""The ledger against a real PostgreSQL (127.0.0.1:5432; README.md, *Tests need Redis and PostgreSQL*), in a fresh database.
 
 The outage tests never stop the server: the ledger reaches PostgreSQL through a small TCP
 forwarder written here, and ``cut()`` closes its listener and every connection through it (the

@@ -1,6 +1,6 @@
 """The shared tier against real Redis: round trips, TTL, and Redis dying and coming back.
 
-Needs Redis at 127.0.0.1:6379 (DEVELOPERS.md). The outage test starts its own private
+Needs Redis at 127.0.0.1:6379 (README.md, *Tests need Redis and PostgreSQL*). The outage test starts its own private
 ``redis-server`` on a free port, kills it mid-test and restarts it, so the shared instance is
 never disturbed. Every test uses its own key prefix and deletes its keys.
 """
