@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from postgres_support import PG_HOST, PG_PORT
+from postgres_support import PG_PORT, Forwarder
 from sqlalchemy.engine import Engine
 
 from polyray.errors import Forbidden, Unauthenticated
@@ -80,92 +79,7 @@ class Recorder:
         return rec
 
 
-# -- a TCP forwarder that can cut PostgreSQL off -----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Forwarder:
-    """127.0.0.1:<port> → PostgreSQL, on its own event loop thread (so the test's loop and the
-    ledger's worker threads never hold it up)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.up = False
-        self.num_accepted = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pg-forwarder", daemon=True)
-        self._thread.start()
-        self.restore()
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _run(self, coro: object) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)  # type: ignore[arg-type]
-
-    def restore(self) -> None:
-        self._run(self._listen())
-
-    def cut(self) -> None:
-        self._run(self._cut())
-
-    def close(self) -> None:
-        if self.up:
-            self.cut()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-        self.up = True
-
-    async def _cut(self) -> None:
-        self.up = False
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(PG_HOST, self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        if not self.up:  # cut while this connection was being opened
-            writer.transport.abort()
-            up_writer.transport.abort()
-            return
-        self.num_accepted += 1
-        pair = {writer, up_writer}
-        self._writers |= pair
-        try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        finally:
-            self._writers -= pair
-
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.transport.abort()
+# -- a TCP forwarder that can cut PostgreSQL off (postgres_support.Forwarder) -------------------
 
 
 @pytest.fixture

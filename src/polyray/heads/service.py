@@ -139,12 +139,29 @@ class HeadService:
         self._stacks.clear()
 
     async def _refresh_loop(self) -> None:
+        """Poll the store; in a database outage, serve on the last index, log one line when it
+        starts and one when it ends (not a traceback a second), and back off up to 30 s."""
+        delay_s = self.refresh_interval_s
+        num_failures = 0
         while True:
-            await asyncio.sleep(self.refresh_interval_s)
+            await asyncio.sleep(delay_s)
             try:
                 await self._reload()
-            except Exception:  # a database hiccup must not end the loop; the next poll retries
-                log.warning("heads: reloading the index failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the loop; the next poll retries
+                if num_failures == 0:
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    log.warning(
+                        "heads: reloading the index failed (%s: %s); serving on the last index, retrying with backoff",
+                        type(exc).__name__,
+                        first,
+                    )
+                num_failures += 1
+                delay_s = min(30.0, max(delay_s * 2, self.refresh_interval_s))
+                continue
+            if num_failures:
+                log.info("heads: reloading the index works again (%d failed polls)", num_failures)
+            num_failures = 0
+            delay_s = self.refresh_interval_s
 
     def resolve(self, client: str, name: str, model: ModelRef | None = None) -> HeadSpec:
         """The head ``client`` means by ``name`` (see the module docstring), visible to it."""

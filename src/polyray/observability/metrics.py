@@ -87,6 +87,10 @@ class Metrics:
         """Export the cache's counters and the tuner's decision, read at scrape time."""
         self.registry.register(_CacheCollector(report))
 
+    def watch_tenancy(self, report: Callable[[], dict[str, int]]) -> None:
+        """Export the usage ledger's and the client directory's failure counters, read at scrape time."""
+        self.registry.register(_TenancyCollector(report))
+
     def on_usage(self, rec: UsageRecord) -> None:
         """Every usage record the engine charges (the ledger gets the same records)."""
         model = f"{rec.model}@{rec.version}"
@@ -121,6 +125,51 @@ class Metrics:
 
     def on_dropped(self, model: ModelRef, reason: str, num_entries: int) -> None:
         self.dropped.labels(str(model), reason).inc(num_entries)
+
+
+_TENANCY_METRICS = (
+    # (report key, metric name, help, counter?)
+    ("ledger_write_failures", "polyray_ledger_write_failures", "Usage batch writes that failed or timed out", True),
+    (
+        "ledger_spooled_batches",
+        "polyray_ledger_spooled_batches",
+        "Usage batches that missed their first write and waited in the spool",
+        True,
+    ),
+    (
+        "ledger_replayed_batches",
+        "polyray_ledger_replayed_batches",
+        "Usage batches written from the spool (after an outage or a restart)",
+        True,
+    ),
+    (
+        "ledger_recovered_batches",
+        "polyray_ledger_recovered_batches",
+        "Usage batches rebuilt at start from the journal of a killed process",
+        True,
+    ),
+    ("ledger_spool_batches", "polyray_ledger_spool_batches", "Usage batches in the spool, not yet written", False),
+    ("ledger_healthy", "polyray_ledger_up", "1 while the ledger's last write reached the database", False),
+    (
+        "directory_refresh_failures",
+        "polyray_directory_refresh_failures",
+        "Client directory refreshes that failed (serving on the last snapshot)",
+        True,
+    ),
+    ("db_call_timeouts", "polyray_db_call_timeouts", "Database calls cut at their deadline (db_timeout_s)", True),
+)
+
+
+class _TenancyCollector(Collector):
+    def __init__(self, report: Callable[[], dict[str, int]]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._report()
+        for key, name, doc, is_counter in _TENANCY_METRICS:
+            family = CounterMetricFamily(name, doc) if is_counter else GaugeMetricFamily(name, doc)
+            family.add_metric([], report[key])
+            yield family
 
 
 class _CacheCollector(Collector):

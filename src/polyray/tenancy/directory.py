@@ -3,7 +3,9 @@
 Request handlers never touch the database: ``authenticate`` hashes the key and looks it up in
 the current snapshot (a dict swap makes refreshes atomic for readers). The snapshot is reloaded
 every ``refresh_interval_s`` (changes made with ``polyray clients`` or by another replica) and at
-once after this server's own admin API changes something.
+once after this server's own admin API changes something. A refresh has a deadline
+(``db_timeout_s``): in a database outage the server keeps serving on the last snapshot, logs one
+line when the outage starts and one when it ends, and counts the failures (a metric).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from polyray.errors import Forbidden, Unauthenticated
+from polyray.tenancy.db import DEFAULT_DB_TIMEOUT_S, call_with_deadline
 from polyray.tenancy.keys import ADMIN_ROLE, hash_key
 from polyray.tenancy.model import Client
 from polyray.tenancy.store import ClientStore, Snapshot
@@ -33,17 +36,22 @@ class Principal:
 
 
 class ClientDirectory:
-    def __init__(self, store: ClientStore, refresh_interval_s: float = 2.0) -> None:
+    def __init__(
+        self, store: ClientStore, refresh_interval_s: float = 2.0, db_timeout_s: float = DEFAULT_DB_TIMEOUT_S
+    ) -> None:
         self.store = store
         self.refresh_interval_s = refresh_interval_s
+        self.call_timeout_s = db_timeout_s + 1.0  # the watchdog cuts at db_timeout_s; this bounds a reconnect too
         self._snapshot = Snapshot({}, {})
         self._task: asyncio.Task[None] | None = None
+        self.num_refresh_failures = 0
+        self.healthy = True
 
     def load(self) -> None:
         self._snapshot = self.store.snapshot()
 
     async def refresh(self) -> None:
-        self._snapshot = await asyncio.to_thread(self.store.snapshot)
+        self._snapshot = await call_with_deadline(self.call_timeout_s, self.store.snapshot)
 
     async def start(self) -> None:
         await self.refresh()
@@ -60,7 +68,19 @@ class ClientDirectory:
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep serving on the last snapshot while the database is away
-                log.warning("client directory: refresh failed (%s); keeping the last snapshot", exc)
+                self.num_refresh_failures += 1
+                if self.healthy:
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    log.warning(
+                        "client directory: refresh failed (%s: %s); serving on the last snapshot until it succeeds",
+                        type(exc).__name__,
+                        first,
+                    )
+                self.healthy = False
+                continue
+            if not self.healthy:
+                log.info("client directory: refresh works again (%d failed meanwhile)", self.num_refresh_failures)
+                self.healthy = True
 
     def client(self, name: str) -> Client | None:
         return self._snapshot.clients.get(name)

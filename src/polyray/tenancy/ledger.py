@@ -1,16 +1,22 @@
 """The usage ledger: per-request usage aggregated per (client, model, version, minute), written
 to the database in batches, off the request path, without losing a row.
 
-Write path: ``record`` adds a request's usage to the in-memory aggregate (O(1), event loop).
-Every ``flush_interval_s`` the aggregate becomes a *usage batch* with a UUID and is written in
-one transaction that also inserts the batch id into ``usage_batches``. If the database cannot
-be reached, the batch is appended to the spool file (one JSON line, fsynced) and retried with
-backoff; a batch whose commit outcome is unknown is simply retried: the id makes the second
-apply a no-op, so every row is counted exactly once. On start the spool is replayed first; on
-stop the aggregate is flushed, to the database or, if that is down, to the spool.
+Write path: ``record`` adds a request's usage to the in-memory aggregate (O(1), event loop) and,
+with the journal on, appends it to the local journal (``polyray.tenancy.journal``). Every
+``flush_interval_s`` the aggregate becomes a *usage batch* with an id, is appended to the spool
+file (one JSON line, fsynced) and written to the database in one transaction that also inserts
+the batch id into ``usage_batches``; once written it leaves the spool. If the database cannot be
+reached, or does not answer within ``db_timeout_s`` (each call has a client-side deadline, see
+``polyray.tenancy.db``), the batch stays in the spool and is retried with backoff. A batch whose
+commit outcome is unknown (a timed-out transaction may still commit later) is simply retried: the
+id makes the second apply a no-op, so every row is counted exactly once. On start the spool (and
+any journal a killed process left) is replayed first; on stop the aggregate is flushed to the
+spool and, unless the database is known to be away, to the database.
 
-What can be lost: only the aggregate of the last ``flush_interval_s`` if the process is killed
-without a chance to stop (SIGKILL, power loss); SIGTERM/SIGINT flush.
+What can be lost: with the journal, nothing on a kill of the process (SIGKILL included); on a
+power loss or kernel crash, the records since the last flush (the journal is not fsynced per
+record). Without the journal, a kill without a chance to stop loses the aggregate of the last
+``flush_interval_s``; SIGTERM/SIGINT flush, in a partition too (within about ``db_timeout_s``).
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from polyray.tenancy.db import DEFAULT_DB_TIMEOUT_S, call_with_deadline
 from polyray.tenancy.schema import usage, usage_batches
+
+if TYPE_CHECKING:
+    from polyray.tenancy.journal import UsageJournal
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +165,11 @@ def apply_batch(engine: Engine, batch: UsageBatch) -> bool:
     return True
 
 
+def _private(path: str, flags: int) -> int:
+    """Open with mode 0600: the spool names clients and their usage."""
+    return os.open(path, flags, 0o600)
+
+
 class Spool:
     """Append-only JSON lines of batches not yet in the database; survives restarts."""
 
@@ -161,8 +177,9 @@ class Spool:
         self.path = path
 
     def append(self, batches: Iterable[UsageBatch]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, mode=0o700)
+        with open(self.path, "a", encoding="utf-8", opener=_private) as fh:
             for batch in batches:
                 fh.write(batch.to_json() + "\n")
             fh.flush()
@@ -186,7 +203,7 @@ class Spool:
             self.path.unlink(missing_ok=True)
             return
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8", opener=_private) as fh:
             fh.write("".join(b.to_json() + "\n" for b in batches))
             fh.flush()
             os.fsync(fh.fileno())
@@ -203,29 +220,56 @@ class UsageLedger:
         flush_interval_s: float = 1.0,
         max_backoff_s: float = 30.0,
         on_flush: Callable[[int, bool], None] | None = None,
+        db_timeout_s: float = DEFAULT_DB_TIMEOUT_S,
+        journal: UsageJournal | None = None,
     ) -> None:
         self.engine = engine
         self.spool = Spool(spool_path)
         self.flush_interval_s = flush_interval_s
         self.max_backoff_s = max_backoff_s
+        # The watchdog cuts a stuck call at db_timeout_s; this outer bound (for the rare call that
+        # needs a reconnect on top) keeps a flush, and so shutdown, from ever waiting longer.
+        self.call_timeout_s = db_timeout_s + 1.0
+        self.journal = journal
         self.aggregator = UsageAggregator()
         self.on_flush = on_flush  # (rows written, ok) for metrics
         self._pending: list[UsageBatch] = []  # not yet in the database; mirrored in the spool
+        self._missed: set[str] = set()  # pending batch ids that missed a write or come from a previous run
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.num_failed_flushes = 0
+        # Counters for /metrics (read at scrape time).
+        self.num_failed_flushes = 0  # failed (or timed-out) batch writes
+        self.num_spooled_batches = 0  # batches that missed their first write and waited in the spool
+        self.num_replayed_batches = 0  # batches written from the spool (after an outage or a restart)
+        self.num_recovered_batches = 0  # batches rebuilt from a killed process's journal
         self.healthy = True
 
     def record(self, rec: UsageRecord) -> None:
         self.aggregator.record(rec)
+        if self.journal is not None:
+            self.journal.write(rec)
 
     @property
     def num_pending_batches(self) -> int:
         return len(self._pending)
 
     async def start(self) -> None:
-        self._pending = self.spool.read()
+        self._pending = await asyncio.to_thread(self.spool.read)
+        if self.journal is not None:
+            found = await asyncio.to_thread(self.journal.open)
+            known = {b.batch_id for b in self._pending}
+            recovered = [b for b, _ in found if b.rows and b.batch_id not in known]
+            if recovered:
+                await asyncio.to_thread(self.spool.append, recovered)
+                self._pending.extend(recovered)
+                self.num_recovered_batches += len(recovered)
+                log.warning(
+                    "usage ledger: recovered %d batches from the journal of a process that was killed", len(recovered)
+                )
+            for _, path in found:
+                self.journal.discard(path)  # in the spool now (or empty)
+        self._missed = {b.batch_id for b in self._pending}
         if self._pending:
             log.info("usage ledger: replaying %d spooled batches", len(self._pending))
         await self.flush()
@@ -235,44 +279,73 @@ class UsageLedger:
         self._stopping.set()
         if self._task is not None:
             await self._task
-        await self.flush()
+        await self.flush(final=True)
+        if self.journal is not None:
+            self.journal.close()
 
-    async def flush(self) -> bool:
-        """Write the aggregate and everything pending; True when nothing is left pending."""
+    async def flush(self, final: bool = False) -> bool:
+        """Write the aggregate and everything pending; True when nothing is left pending.
+
+        ``final`` (stop): if the database is known to be away, the aggregate goes to the spool only,
+        so a shutdown in a partition does not wait for another deadline."""
         async with self._lock:
+            # Take the aggregate and rotate the journal in one synchronous step: the closed
+            # segment holds exactly these rows, and lends the batch its id (journal docstring).
             rows = self.aggregator.take()
+            closed = self.journal.rotate() if self.journal is not None else None
             if rows:
-                batch = UsageBatch(str(uuid.uuid4()), tuple(rows))
+                batch = UsageBatch(closed[0] if closed is not None else str(uuid.uuid4()), tuple(rows))
                 self._pending.append(batch)
                 await asyncio.to_thread(self.spool.append, [batch])
+            if closed is not None and self.journal is not None:
+                self.journal.discard(closed[1])  # fsynced in the spool now (or empty)
             if not self._pending:
                 return True
-            written = await asyncio.to_thread(self._write_pending)
+            if final and not self.healthy:
+                log.warning(
+                    "usage ledger: stopping with the database away; %d batches stay in the spool for the next start",
+                    len(self._pending),
+                )
+                return False
+            written = await self._write_pending()
             ok = not self._pending
             if self.on_flush is not None:
                 self.on_flush(written, ok)
             return ok
 
-    def _write_pending(self) -> int:
-        """Apply pending batches in order; stop at the first failure (kept for the next try)."""
-        num_rows = 0
+    async def _write_pending(self) -> int:
+        """Apply pending batches in order, each within the deadline; stop at the first failure
+        (kept, in the spool, for the next try)."""
+        num_rows = num_batches = 0
         while self._pending:
             batch = self._pending[0]
             try:
-                apply_batch(self.engine, batch)
+                await call_with_deadline(self.call_timeout_s, apply_batch, self.engine, batch)
             except Exception as exc:  # noqa: BLE001 - any database failure: keep the batch, retry later
                 self.num_failed_flushes += 1
+                for waiting in self._pending:
+                    if waiting.batch_id not in self._missed:
+                        self._missed.add(waiting.batch_id)
+                        self.num_spooled_batches += 1
                 if self.healthy:
-                    log.warning("usage ledger: database unavailable (%s); spooling and retrying", exc)
+                    log.warning(
+                        "usage ledger: database unavailable (%s); spooling to %s and retrying",
+                        _one_line(exc),
+                        self.spool.path,
+                    )
                 self.healthy = False
                 break
+            if batch.batch_id in self._missed:
+                self._missed.discard(batch.batch_id)
+                self.num_replayed_batches += 1
             num_rows += len(batch.rows)
+            num_batches += 1
             self._pending.pop(0)
-        if not self._pending:
-            if not self.healthy:
-                log.info("usage ledger: database back; spool drained")
+        if not self._pending and not self.healthy:
+            log.info("usage ledger: database back; spool drained")
             self.healthy = True
-        self.spool.replace(self._pending)
+        if num_batches:
+            await asyncio.to_thread(self.spool.replace, list(self._pending))
         return num_rows
 
     async def _run(self) -> None:
@@ -284,6 +357,12 @@ class UsageLedger:
                 return
             ok = await self.flush()
             backoff_s = self.flush_interval_s if ok else min(self.max_backoff_s, max(backoff_s * 2, 0.5))
+
+
+def _one_line(exc: BaseException) -> str:
+    """A database error as one short line (psycopg's messages span lines and carry the SQL)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def compute_s_today(engine: Engine, now_wall_s: float | None = None) -> dict[str, float]:

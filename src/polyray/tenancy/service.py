@@ -18,8 +18,9 @@ from sqlalchemy.engine import Engine as SqlEngine
 
 from polyray.config import TenancyConfig, database_url, spool_path
 from polyray.tenancy.accounts import Accounts
-from polyray.tenancy.db import open_database
+from polyray.tenancy.db import open_database, watchdog_of
 from polyray.tenancy.directory import ClientDirectory
+from polyray.tenancy.journal import UsageJournal
 from polyray.tenancy.ledger import UsageLedger, UsageRecord, compute_s_today
 from polyray.tenancy.model import PriorityClass
 from polyray.tenancy.store import ClientStore
@@ -27,6 +28,11 @@ from polyray.tenancy.store import ClientStore
 log = logging.getLogger(__name__)
 
 FIRST_CLIENT = "default"
+
+
+def journal_dir(spool: Path) -> Path:
+    """The usage journal lives beside the spool (``usage-spool.jsonl`` -> ``usage-spool.journal/``)."""
+    return spool.with_suffix(".journal")
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,16 @@ class Tenancy:
         self.config = config
         self.db = db
         self.store = ClientStore(db)
-        self.directory = ClientDirectory(self.store, config.refresh_interval_s)
-        self.ledger = UsageLedger(db, spool, config.flush_interval_s)
+        self.directory = ClientDirectory(self.store, config.refresh_interval_s, config.db_timeout_s)
+        journal = UsageJournal(journal_dir(spool)) if config.journal else None
+        self.ledger = UsageLedger(db, spool, config.flush_interval_s, db_timeout_s=config.db_timeout_s, journal=journal)
         self._on_record = on_record
         self.accounts = Accounts(self.directory.client, self._record)
         self.bootstrap_keys: BootstrapKeys | None = None
 
     @classmethod
     def open(cls, config: TenancyConfig, on_record: Callable[[UsageRecord], None] | None = None) -> Tenancy:
-        db = open_database(database_url(config))
+        db = open_database(database_url(config), timeout_s=config.db_timeout_s)
         tenancy = cls(config, db, spool_path(config), on_record)
         if config.auth == "keys" and config.bootstrap and tenancy.store.is_empty():
             _, client_key = tenancy.store.create_client(FIRST_CLIENT, PriorityClass.INTERACTIVE)
@@ -85,3 +92,17 @@ class Tenancy:
         await self.directory.stop()
         await self.ledger.stop()
         self.db.dispose()
+
+    def health_report(self) -> dict[str, int]:
+        """Ledger and directory counters for /metrics, read at scrape time."""
+        watchdog = watchdog_of(self.db)
+        return {
+            "ledger_write_failures": self.ledger.num_failed_flushes,
+            "ledger_spooled_batches": self.ledger.num_spooled_batches,
+            "ledger_replayed_batches": self.ledger.num_replayed_batches,
+            "ledger_recovered_batches": self.ledger.num_recovered_batches,
+            "ledger_spool_batches": self.ledger.num_pending_batches,
+            "ledger_healthy": int(self.ledger.healthy),
+            "directory_refresh_failures": self.directory.num_refresh_failures,
+            "db_call_timeouts": watchdog.num_cut if watchdog is not None else 0,
+        }
