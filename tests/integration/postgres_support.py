@@ -5,8 +5,23 @@ silence (a partition: sockets stay open, nothing is forwarded, nothing is refuse
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from polyray.tenancy.schema import usage
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
@@ -130,3 +145,150 @@ class Forwarder:
             pass
         finally:
             dst.transport.abort()
+
+
+# -- a real `polyray serve` on a PostgreSQL ledger, and a client that keeps what it was told ------
+
+
+@dataclass
+class Received:
+    """What the clients were told: answered requests and the usage the responses reported."""
+
+    num_requests: int = 0
+    num_texts: int = 0
+    num_tokens: int = 0
+    compute_ms: float = 0.0
+    num_failed: int = 0
+
+    def add(self, other: Received) -> None:
+        self.num_requests += other.num_requests
+        self.num_texts += other.num_texts
+        self.num_tokens += other.num_tokens
+        self.compute_ms += other.compute_ms
+        self.num_failed += other.num_failed
+
+
+SERVE_CONFIG = """
+[server]
+host = "127.0.0.1"
+
+[[models]]
+name = "minilm"
+version = "1"
+backend = "dummy"
+
+[tenancy]
+database_url = "{database_url}"
+auth = "none"
+db_timeout_s = {db_timeout_s}
+flush_interval_s = {flush_interval_s}
+refresh_interval_s = 0.5
+journal = {journal}
+"""
+
+
+class ServeProcess:
+    """``polyray serve`` as a subprocess with its own ``POLYRAY_HOME`` (spool and journal live there),
+    its log in ``home/serve.log``. Loopback only; every wait is bounded."""
+
+    def __init__(
+        self,
+        home: Path,
+        database_url: str,
+        db_timeout_s: float = 1.0,
+        flush_interval_s: float = 0.2,
+        journal: bool = True,
+    ) -> None:
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config = home / "polyray.toml"
+        self.config.write_text(
+            SERVE_CONFIG.format(
+                database_url=database_url,
+                db_timeout_s=db_timeout_s,
+                flush_interval_s=flush_interval_s,
+                journal="true" if journal else "false",
+            )
+        )
+        self.log_path = home / "serve.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seq = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "usage-spool.jsonl"
+
+    def start(self, ready_timeout_s: float = 60.0) -> None:
+        cmd = [sys.executable, "-m", "polyray.cli", "--log-level", "warning", "serve", "--config", str(self.config)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "POLYRAY_HOME": str(self.home)}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"polyray serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"polyray serve was not ready in {ready_timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def embed(self, num_texts: int = 2, timeout_s: float = 10.0) -> Received:
+        """One request of unique texts (no cache hits); what the response said it used."""
+        self._seq += 1
+        texts = [f"request {self._seq} text {i} {uuid.uuid4().hex[:8]}" for i in range(num_texts)]
+        body = json.dumps({"model": "minilm", "input": texts}).encode()
+        req = urllib.request.Request(
+            f"{self.base_url}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                payload = json.loads(resp.read())
+                compute_ms = float(resp.headers["X-Polyray-Compute-Ms"])
+        except (OSError, ValueError):
+            return Received(num_failed=1)
+        return Received(1, len(payload["data"]), int(payload["usage"]["prompt_tokens"]), compute_ms)
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "_total "):
+                    return float(line.split()[-1])
+        raise AssertionError(f"no metric {name}")
+
+    def terminate(self, timeout_s: float = 60.0) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds until exit). SIGKILL and AssertionError past ``timeout_s``."""
+        assert self.proc is not None
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"polyray serve did not exit within {timeout_s} s of SIGTERM:\n{self.log()}") from None
+        return code, time.monotonic() - began
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def usage_sums(engine: Engine) -> Received:
+    """The ledger's totals, read from PostgreSQL directly."""
+    cols = (usage.c.num_requests, usage.c.num_texts, usage.c.num_tokens, usage.c.compute_ns)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(*(sa.func.coalesce(sa.func.sum(c), 0) for c in cols))).one()
+    return Received(int(row[0]), int(row[1]), int(row[2]), int(row[3]) / 1e6)

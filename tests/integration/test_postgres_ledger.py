@@ -283,3 +283,57 @@ async def test_outage_then_restart_replays_the_spool(
     with db.connect() as conn:
         applied = {r.batch_id for r in conn.execute(sa.select(usage_batches.c.batch_id))}
     assert {b.batch_id for b in pending} <= applied
+
+
+# -- a silent partition (sockets open, nothing answered): every call ends at its deadline ---------
+
+
+async def test_silent_partition_spools_within_the_deadline_and_replays_once(
+    db: Engine, database: str, forwarder: Forwarder, tmp_path: Path
+) -> None:
+    spool = tmp_path / "usage-spool.jsonl"
+    url = f"postgresql://postgres@{forwarder.url}/{database}"
+    through = open_database(url, timeout_s=1.0)
+    recorder = Recorder(seed=31)
+    ledger = UsageLedger(through, spool, flush_interval_s=0.05, max_backoff_s=0.2, db_timeout_s=1.0)
+    directory = ClientDirectory(ClientStore(through), db_timeout_s=1.0)
+    await ledger.start()
+    for _ in range(20):
+        ledger.record(recorder.next())
+    await wait_for(lambda: bool(totals(db)), "the first flush to reach PostgreSQL")
+
+    forwarder.silence()
+    for _ in range(50):
+        ledger.record(recorder.next())
+    began = time.monotonic()
+    assert not await ledger.flush()  # before the deadline, this waited forever
+    assert time.monotonic() - began < 5.0
+    assert not ledger.healthy and ledger.num_failed_flushes >= 1
+    assert {b.batch_id for b in Spool(spool).read()} >= {b.batch_id for b in ledger._pending}
+
+    began = time.monotonic()
+    with pytest.raises(sa.exc.SQLAlchemyError):  # a timeout or a connect timeout: the directory keeps its snapshot
+        await directory.refresh()
+    assert time.monotonic() - began < 5.0
+
+    for _ in range(30):
+        ledger.record(recorder.next())
+    began = time.monotonic()
+    await ledger.stop()  # the database is known away: the last aggregate goes to the spool only
+    assert time.monotonic() - began < 5.0
+    through.dispose()
+    assert Spool(spool).read()
+
+    # Healed: bytes held in the partition arrive late (a held COMMIT would commit now); the
+    # restarted ledger replays the spool; batch ids make every row count exactly once.
+    forwarder.heal()
+    again = open_database(url, timeout_s=1.0)
+    restarted = UsageLedger(again, spool, flush_interval_s=0.05, max_backoff_s=0.2, db_timeout_s=1.0)
+    try:
+        await restarted.start()
+        await restarted.stop()
+    finally:
+        again.dispose()
+    assert totals(db) == expected(recorder.made)
+    assert not spool.exists()
+    assert restarted.num_replayed_batches >= 1

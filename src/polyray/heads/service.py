@@ -159,7 +159,7 @@ class HeadService:
                 delay_s = min(30.0, max(delay_s * 2, self.refresh_interval_s))
                 continue
             if num_failures:
-                log.info("heads: reloading the index works again (%d failed polls)", num_failures)
+                log.warning("heads: reloading the index works again (%d failed polls)", num_failures)
             num_failures = 0
             delay_s = self.refresh_interval_s
 

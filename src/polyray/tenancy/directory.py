@@ -79,7 +79,7 @@ class ClientDirectory:
                 self.healthy = False
                 continue
             if not self.healthy:
-                log.info("client directory: refresh works again (%d failed meanwhile)", self.num_refresh_failures)
+                log.warning("client directory: refresh works again (%d failed meanwhile)", self.num_refresh_failures)
                 self.healthy = True
 
     def client(self, name: str) -> Client | None:

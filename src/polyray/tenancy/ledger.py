@@ -342,7 +342,9 @@ class UsageLedger:
             num_batches += 1
             self._pending.pop(0)
         if not self._pending and not self.healthy:
-            log.info("usage ledger: database back; spool drained")
+            log.warning(
+                "usage ledger: database back; spool drained (%d write failures so far)", self.num_failed_flushes
+            )
             self.healthy = True
         if num_batches:
             await asyncio.to_thread(self.spool.replace, list(self._pending))
