@@ -30,4 +30,5 @@ def build_engine(
         fairness=settings.fairness,
         cache=cache,
         fitters=fitters,
+        admission=settings.admission,
     )

@@ -19,6 +19,7 @@ import numpy as np
 from polyray.backends.base import Backend, Tokenized
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
+from polyray.engine.admission import AdmissionPolicy
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.budget_fit import BudgetDecision
 from polyray.engine.observer import EngineObserver, NullObserver
@@ -31,8 +32,11 @@ from polyray.tenancy.quotas import Ticket
 from polyray.types import EmbedRequest, EmbedResult, ModelRef, Usage
 
 WARMUP_TEXTS = ("warm up", "a somewhat longer sentence to warm up the model with more than a handful of tokens in it")
-# Texts per request tokenized on the event loop; larger requests go to a thread so the loop stays responsive.
+# Requests of at most this many texts and characters are tokenized on the event loop (≈ 1 ms of
+# work at most: the real tokenizer runs ~1 µs per character); anything larger goes to the tokenizer
+# threads so the loop stays responsive. Counting texts alone let one 4 MB text freeze the server.
 INLINE_TOKENIZE_MAX_TEXTS = 8
+INLINE_TOKENIZE_MAX_CHARS = 1024
 # How long past its deadline a caller waits for the runner's own verdict before giving up itself.
 DEADLINE_GRACE_S = 1.0
 
@@ -61,6 +65,7 @@ class Engine:
         fairness: FairnessPolicy | None = None,
         cache: EngineCache | None = None,
         fitters: dict[ModelRef, BudgetFitter] | None = None,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         if not backends:
             raise ValueError("the engine needs at least one model")
@@ -72,6 +77,7 @@ class Engine:
         self._inflight: dict[ModelRef, dict[bytes, Entry]] = {ref: {} for ref in backends}
         self._normalization = {ref: _normalization(b) for ref, b in backends.items()}
         self.measured_tokenize_ns = 0
+        self.num_inline_tokenized = 0  # requests tokenized on the event loop (the rest: tokenizer threads)
         # Tokenization gets threads of its own: in the default executor it would queue behind
         # database and fsync work (ledger, directory), which can take seconds on a slow disk.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="polyray-tokenize")
@@ -90,6 +96,7 @@ class Engine:
                 functools.partial(self._charge_batch_share, ref),
                 functools.partial(self._note_compute, ref) if cache is not None else None,
                 (fitters or {}).get(ref),
+                admission,
             )
             for ref, backend in backends.items()
         }
@@ -357,7 +364,8 @@ class Engine:
             task.add_done_callback(self._fill_tasks.discard)
 
     async def _tokenize(self, backend: Backend, texts: Sequence[str]) -> list[Tokenized]:
-        if len(texts) <= INLINE_TOKENIZE_MAX_TEXTS:
+        if len(texts) <= INLINE_TOKENIZE_MAX_TEXTS and sum(map(len, texts)) <= INLINE_TOKENIZE_MAX_CHARS:
+            self.num_inline_tokenized += 1
             return backend.tokenize(texts)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, backend.tokenize, texts)
 

@@ -10,6 +10,7 @@ request handlers; all of it runs on the event-loop thread, so no lock is needed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,16 +74,28 @@ class EntryQueue:
         self.max_entries = max_entries
         self.max_client_entries = max(1, int(max_entries * max_client_fraction))
         self._fair: FairQueue[Entry] = FairQueue()
+        self.tokens = 0  # Σ tokens of the queued entries
 
     def __len__(self) -> int:
         return len(self._fair)
 
-    def push(self, entries: list[Entry]) -> None:
-        """All of a request's entries or none, so a request is never half-queued."""
-        if len(self._fair) + len(entries) > self.max_entries:
+    def push(self, entries: list[Entry], drain_s: Callable[[float], float] | None = None) -> None:
+        """All of a request's entries or none, so a request is never half-queued.
+
+        ``drain_s(tokens)``: how long serving that much queued work takes (``ServiceCost``), for a
+        Retry-After that says when enough has drained; without it, 1 s.
+        """
+        mean_tokens = self.tokens / len(self._fair) if len(self._fair) else 0.0
+
+        def retry_after_s(num_entries: int) -> float:
+            return max(0.05, drain_s(num_entries * mean_tokens)) if drain_s is not None else 1.0
+
+        excess = len(self._fair) + len(entries) - self.max_entries
+        if excess > 0:
             raise Overloaded(
                 f"the queue is full ({len(self._fair)} of {self.max_entries} texts waiting); retry shortly",
                 code="queue_full",
+                retry_after_s=retry_after_s(excess),
             )
         if entries:
             client = entries[0].client
@@ -92,10 +105,18 @@ class EntryQueue:
                     f"client {client!r} already has {held} texts waiting; one client may queue at most "
                     f"{self.max_client_entries} (fair share of the queue); retry when some are done",
                     code="fair_share_queue",
-                    retry_after_s=1.0,
+                    retry_after_s=retry_after_s(held + len(entries) - self.max_client_entries),
                 )
         for entry in entries:
             self._fair.push(entry.client, entry, entry.num_tokens, entry.weight)
+            self.tokens += entry.num_tokens
+
+    def work_ahead(self, client: str) -> float:
+        """Queued tokens served before a request ``client`` pushes now (``FairQueue.work_ahead``)."""
+        return self._fair.work_ahead(client)
+
+    def tokens_waiting(self, client: str) -> int:
+        return self._fair.tokens_waiting(client)
 
     def promote(self, entry: Entry, client: str, weight: float, interactive: bool) -> None:
         """A request of ``client`` joined ``entry`` (dedup): serve it at the better of the two places."""
@@ -135,13 +156,17 @@ class EntryQueue:
         return bool(len(self._fair)) and not self._fair[0].item.interactive
 
     def take(self, indices: tuple[int, ...]) -> list[Entry]:
-        return [t.item for t in self._fair.take(indices)]
+        taken = [t.item for t in self._fair.take(indices)]
+        self.tokens -= sum(e.num_tokens for e in taken)
+        return taken
 
     def remove_dead(self, now_s: float) -> tuple[list[Entry], list[Entry]]:
         """Split off entries whose caller has gone (cancelled) and those past their deadline."""
         gone = self._fair.remove_if(lambda e: e.future.done() or e.deadline_s <= now_s)
+        self.tokens -= sum(t.item.num_tokens for t in gone)
         _, cancelled, expired = split_dead([t.item for t in gone], now_s)
         return cancelled, expired
 
     def drain(self) -> list[Entry]:
+        self.tokens = 0
         return [t.item for t in self._fair.drain()]

@@ -12,9 +12,16 @@ alone get ``BackendError``, and the loop keeps serving.
 Fair share: the queue is in weighted-fair order across clients (``queue``). A forward pass cannot
 be preempted, so an interactive client's request that arrives during a batch waits for it; while
 interactive traffic is recent (``interactive_window_s``), batches led by batch-class entries are
-capped at ``interactive_budget_tokens`` to bound that wait, and while interactive entries are
-within the batcher's window a batch holds interactive entries only (full budget), so they run
-as fast as with no flood at all (``EntryQueue.candidates``).
+capped at what one forward pass computes in ``interactive_budget_ms`` (converted to tokens with the
+measured cost line, ``admission.ServiceCost``; ``interactive_budget_tokens`` until a batch has
+been measured) to bound that wait in milliseconds whatever the hardware, and while interactive
+entries are within the batcher's window a batch holds interactive entries only (full budget), so
+they run as fast as with no flood at all (``EntryQueue.candidates``).
+
+Admission (``admission``): before a request's entries are queued, its expected wait (the work
+ahead of it in fair order, drained at the measured cost line, plus the rest of the pass in
+progress) is compared with min(its deadline, its class's queueing bound); over it, the request is
+refused at once with a Retry-After from the same estimate.
 
 Fitted budget: with a ``fitter`` (``backends.calibrate.BudgetFitter``) the runner measures the
 backend at start, before serving, and on demand (``refit``), and applies the decision (budget,
@@ -42,17 +49,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from polyray.backends.base import Backend
+from polyray.engine.admission import AdmissionPolicy, ServiceCost, Waiting, admit
 from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, should_wait
 from polyray.engine.observer import EngineObserver
 from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
-from polyray.errors import BackendError, DeadlineExceeded, Overloaded
+from polyray.errors import BackendError, DeadlineExceeded, Overloaded, RateLimited
 from polyray.tenancy.costs import split_batch_compute, split_exact
 from polyray.types import ModelRef
 
 log = logging.getLogger(__name__)
 
 RowOutcome = np.ndarray | BaseException
+# The interactive cap never goes below this: a pass of a few short texts, so a slow machine does not
+# serve the batch class one text per forward call (a longer entry still runs alone).
+MIN_INTERACTIVE_CAP_TOKENS = 16
 # (client, compute_ns): called on the event loop for every entry of every computed batch.
 ChargeSink = Callable[[str, int], None]
 
@@ -61,6 +72,12 @@ ChargeSink = Callable[[str, int], None]
 class FairnessPolicy:
     """How the runner protects interactive clients from batch-class floods (see module docstring)."""
 
+    # The cap on a batch-class batch while interactive traffic is recent, as compute time: one
+    # forward pass an interactive request may have to wait for. Converted to tokens with the
+    # measured cost line; ``interactive_budget_tokens`` applies until one is known. Chosen with
+    # bench/reliability/flood.py (see its docstring): torch MiniLM on 2 cores pays ~9 ms per call
+    # before any token, so 15 ms leaves room for a few sentences per batch-class pass.
+    interactive_budget_ms: float | None = 15.0
     interactive_budget_tokens: int = 256
     interactive_window_s: float = 10.0
     max_client_queue_fraction: float = 0.5
@@ -68,6 +85,8 @@ class FairnessPolicy:
     def __post_init__(self) -> None:
         if self.interactive_budget_tokens < 1 or self.interactive_window_s < 0:
             raise ValueError(f"invalid fairness policy {self}")
+        if self.interactive_budget_ms is not None and self.interactive_budget_ms <= 0:
+            raise ValueError(f"interactive_budget_ms must be > 0 (or unset), got {self.interactive_budget_ms}")
         if not 0 < self.max_client_queue_fraction <= 1:
             raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
 
@@ -109,6 +128,7 @@ class ModelRunner:
         charge: ChargeSink | None = None,
         on_compute: Callable[[int, int], None] | None = None,
         fitter: BudgetFitter | None = None,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         self.ref = ref
         self.backend = backend
@@ -120,6 +140,10 @@ class ModelRunner:
         self.configured_policy = policy  # before any fit: what the config said
         self._arrivals = ArrivalRate()
         self.queue = EntryQueue(max_queue_entries, self.fairness.max_client_queue_fraction)
+        self.admission = admission  # None: only the queue's count bounds apply
+        self.cost = ServiceCost()  # the measured cost line (admission, the interactive cap)
+        self._running_tokens = 0
+        self._running_started_s = 0.0
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -162,6 +186,8 @@ class ModelRunner:
 
     def _apply(self, decision: BudgetDecision) -> None:
         self.policy = decision.apply(self.policy)
+        if not self.cost.known:  # before any served batch, the fit's line is the best estimate
+            self.cost = ServiceCost.seeded(decision.cost.overhead_s, decision.cost.s_per_token, decision.budget_tokens)
         log.info(
             "%s serves with budget %d tokens, max_wait %.2f ms, overhead %d tokens",
             self.ref,
@@ -180,18 +206,53 @@ class ModelRunner:
             "max_batch_size": self.policy.max_batch_size,
             "fitted": decision is not None,
             "arrivals_per_s": round(self._arrivals.rate_at(self.clock()), 1),
+            "measured_cost": {
+                "overhead_ms": round(1000 * self.cost.line()[0], 3),
+                "ms_per_token": round(1000 * self.cost.line()[1], 5),
+            }
+            if self.cost.known
+            else None,
+            "interactive_cap_tokens": self.interactive_cap_tokens(),
             "decision": decision.as_dict() if decision is not None else None,
         }
 
     def submit(self, entries: list[Entry]) -> None:
+        """Queue a request's new entries (all of one client, class and deadline), or refuse them
+        (``Overloaded`` 503, ``RateLimited`` 429) before anything is queued."""
         if self._closing:
             raise Overloaded("the server is shutting down", code="shutting_down", retry_after_s=5.0)
-        self.queue.push(entries)
-        self._arrivals = self._arrivals.observe(self.clock(), len(entries))
+        now_s = self.clock()
         if entries and entries[0].interactive:
-            self._last_interactive_s = self.clock()
+            self._last_interactive_s = now_s  # refused or not, interactive traffic is present
+        if entries and self.admission is not None:
+            self._admit(entries, now_s)
+        drain = functools.partial(self.cost.drain_s, budget_tokens=self.policy.budget_tokens)
+        self.queue.push(entries, drain if self.cost.known else None)
+        self._arrivals = self._arrivals.observe(now_s, len(entries))
         self.observer.on_queue_depth(self.ref, len(self.queue))
         self._wake.set()
+
+    def _admit(self, entries: list[Entry], now_s: float) -> None:
+        assert self.admission is not None
+        first = entries[0]
+        running_left_s = 0.0
+        if self._running is not None and not self._running.done():
+            predicted_s = self.cost.predict_s(self._running_tokens)
+            running_left_s = max(0.0, predicted_s - (now_s - self._running_started_s))
+        waiting = Waiting(
+            work_ahead_tokens=self.queue.work_ahead(first.client),
+            client_backlog_tokens=self.queue.tokens_waiting(first.client),
+            request_tokens=sum(e.num_tokens for e in entries),
+            running_left_s=running_left_s,
+            deadline_left_s=min(e.deadline_s for e in entries) - now_s,
+            interactive=first.interactive,
+        )
+        verdict = admit(waiting, self.cost, self.policy.budget_tokens, self.admission)
+        if verdict.admit:
+            return
+        if verdict.kind == "rate_limited":
+            raise RateLimited(verdict.message(), code=verdict.code, retry_after_s=verdict.retry_after_s)
+        raise Overloaded(verdict.message(), code=verdict.code, retry_after_s=verdict.retry_after_s)
 
     async def stop(self) -> None:
         """Stop accepting, finish what was accepted, then release the worker."""
@@ -203,7 +264,10 @@ class ModelRunner:
         self._worker.shutdown(wait=True)
 
     def _drop_dead(self) -> None:
-        self._report_dead(*self.queue.remove_dead(self.clock()))
+        cancelled, expired = self.queue.remove_dead(self.clock())
+        self._report_dead(cancelled, expired)
+        if cancelled or expired:  # the depth gauge must not keep the pre-drop value
+            self.observer.on_queue_depth(self.ref, len(self.queue))
 
     def _report_dead(self, cancelled: list[Entry], expired: list[Entry]) -> None:
         for entry in expired:
@@ -247,6 +311,8 @@ class ModelRunner:
                 if not batch:
                     continue
             started_s = self.clock()
+            self._running_started_s = started_s
+            self._running_tokens = sum(e.num_tokens for e in batch)
             batch_id = self._next_batch_id
             self._next_batch_id += 1
             running = loop.run_in_executor(self._worker, self._timed_compute, [e.ids for e in batch])
@@ -259,7 +325,7 @@ class ModelRunner:
         """The batch policy now: a batch-class batch is capped while interactive traffic is recent,
         and the maximum wait is dropped when the fitted cost says waiting cannot pay."""
         policy = self.policy
-        cap = self.fairness.interactive_budget_tokens
+        cap = self.interactive_cap_tokens()
         if (
             cap < policy.budget_tokens
             and now_s - self._last_interactive_s <= self.fairness.interactive_window_s
@@ -274,6 +340,13 @@ class ModelRunner:
         ):
             policy = replace(policy, max_wait_ms=0.0)
         return policy
+
+    def interactive_cap_tokens(self) -> int:
+        """The batch-class cap in tokens: ``interactive_budget_ms`` of compute at the measured cost."""
+        budget_ms = self.fairness.interactive_budget_ms
+        if budget_ms is None or not self.cost.known:
+            return self.fairness.interactive_budget_tokens
+        return self.cost.tokens_within_s(budget_ms / 1000.0, MIN_INTERACTIVE_CAP_TOKENS)
 
     async def _wait(self, timeout_s: float | None) -> None:
         """Sleep until an arrival, the running batch finishing, or ``timeout_s``."""
@@ -317,6 +390,8 @@ class ModelRunner:
         lengths = [e.num_tokens for e in batch]
         shares_ns = split_batch_compute(compute_ns, lengths, self.backend.padding_free)
         self.measured_compute_ns += compute_ns
+        if compute_ns and exc is None:
+            self.cost = self.cost.observe(sum(lengths), compute_ns / 1e9)
         if self.fitter is not None and compute_ns and exc is None:
             redecided = self.fitter.observe_batch(lengths, compute_ns / 1e9)
             if redecided is not None:

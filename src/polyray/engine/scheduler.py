@@ -48,6 +48,8 @@ class FairQueue(Generic[T]):
         self._items: list[Tagged[T]] = []
         self._seq = 0
         self._per_client: dict[str, int] = {}
+        self._client_tokens: dict[str, int] = {}  # queued cost per client (admission's work estimate)
+        self._client_weight: dict[str, float] = {}  # the weight of the client's latest queued item
 
     def __len__(self) -> int:
         return len(self._items)
@@ -61,6 +63,30 @@ class FairQueue(Generic[T]):
     def num_waiting(self, client: str) -> int:
         return self._per_client.get(client, 0)
 
+    def tokens_waiting(self, client: str) -> int:
+        return self._client_tokens.get(client, 0)
+
+    def work_ahead(self, client: str) -> float:
+        """Queued cost served before an item ``client`` would push now, in SFQ order. O(clients).
+
+        The new item's start tag is ``S = max(virtual, last_finish[client])``: all of the client's
+        own queued items are ahead of it, and of another client ``c`` the items whose start tags lie
+        below ``S``. ``c``'s items are tagged back to back, each advancing its tag by cost / weight,
+        so its queued items start near ``head_c = last_finish[c] - backlog_c / weight_c`` and
+        ``weight_c × (S - head_c)`` of its cost is ahead (at most all of it). An estimate: items
+        taken out of order by the batcher's window or promoted by dedup shift it by a few items.
+        """
+        start = max(self.virtual, self._last_finish.get(client, 0.0))
+        ahead = 0.0
+        for other, backlog in self._client_tokens.items():
+            if other == client:
+                ahead += backlog
+                continue
+            weight = self._client_weight[other]
+            head = self._last_finish.get(other, self.virtual) - backlog / weight
+            ahead += min(float(backlog), max(0.0, weight * (start - head)))
+        return ahead
+
     def push(self, client: str, item: T, cost_tokens: int, weight: float) -> Tagged[T]:
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
@@ -70,8 +96,14 @@ class FairQueue(Generic[T]):
         tagged = Tagged(start, self._seq, finish, client, cost_tokens, item)
         self._seq += 1
         bisect.insort(self._items, tagged)
-        self._per_client[client] = self._per_client.get(client, 0) + 1
+        self._count(tagged, weight)
         return tagged
+
+    def _count(self, tagged: Tagged[T], weight: float) -> None:
+        client = tagged.client
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        self._client_tokens[client] = self._client_tokens.get(client, 0) + tagged.cost_tokens
+        self._client_weight[client] = weight
 
     def promote(self, item: T, client: str, cost_tokens: int, weight: float) -> bool:
         """Re-tag a queued ``item`` for ``client`` if that would serve it sooner (in-flight dedup:
@@ -88,7 +120,7 @@ class FairQueue(Generic[T]):
                 self._last_finish[client] = finish
                 moved = Tagged(start, tagged.seq, finish, client, cost_tokens, item)
                 bisect.insort(self._items, moved)
-                self._per_client[client] = self._per_client.get(client, 0) + 1
+                self._count(moved, weight)
                 return True
         return False
 
@@ -119,6 +151,8 @@ class FairQueue(Generic[T]):
     def drain(self) -> list[Tagged[T]]:
         items, self._items = self._items, []
         self._per_client.clear()
+        self._client_tokens.clear()
+        self._client_weight.clear()
         return items
 
     def _forget(self, removed: list[Tagged[T]]) -> None:
@@ -126,8 +160,11 @@ class FairQueue(Generic[T]):
             left = self._per_client[tagged.client] - 1
             if left:
                 self._per_client[tagged.client] = left
+                self._client_tokens[tagged.client] -= tagged.cost_tokens
             else:
                 del self._per_client[tagged.client]
+                del self._client_tokens[tagged.client]
+                del self._client_weight[tagged.client]
         if not self._items:
             # Idle: drop per-client history so the map does not grow with every client ever seen.
             # Safe because every future start tag is max(virtual, ...) >= any finish we forget

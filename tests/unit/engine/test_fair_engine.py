@@ -462,7 +462,10 @@ async def test_interactive_traffic_caps_batches_while_batch_class_waits(
         tenants.accounts,
         BatchPolicy(budget_tokens=4096, max_batch_size=64, max_wait_ms=0.0),
         fairness=FairnessPolicy(
-            interactive_budget_tokens=cap, interactive_window_s=60.0, max_client_queue_fraction=1.0
+            interactive_budget_ms=None,  # the cap in tokens (the ms cap: test_admission_engine.py)
+            interactive_budget_tokens=cap,
+            interactive_window_s=60.0,
+            max_client_queue_fraction=1.0,
         ),
     )
     runner = engine.runners[REF]

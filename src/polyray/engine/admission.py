@@ -1,0 +1,217 @@
+"""Admission by expected waiting time: refuse at once what cannot be served in time.
+
+A queue bounded only in texts lets a request wait far past any useful deadline (at 4x overload,
+admitted requests waited 45 s behind one client's 4,096 queued texts while its 429s said
+``Retry-After: 1``). So a new request is compared, before it is queued, with what it can accept:
+
+    expected_wait_s = running_left_s + drain_s(work ahead of it in fair order)
+    allowed_wait_s  = min(its deadline - now, the queueing bound of its client's class)
+
+and refused when ``expected_wait_s > allowed_wait_s``. ``drain_s`` comes from ``ServiceCost``, a
+line ``compute_s = overhead_s + s_per_token × tokens`` per forward pass fitted to recently served
+batches (seeded with the start-up budget fit), so the estimate follows the machine as it is now.
+A client whose *own* backlog (in seconds of compute) would exceed its share of the bound, while it
+already has work queued, is refused with 429 ``fair_share_queue`` instead: it is the one
+overloading the queue, and the others keep their room. Retry-After is computed from the same
+estimate: how long until the work ahead has drained enough for the request to fit.
+
+Everything here is a pure function of numbers (no clock, no queue, no I/O), so it is tested
+exhaustively; the runner gathers the numbers and raises the refusal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+# A refusal never asks the caller to come back sooner than this: a retry in less than a forward
+# pass would find the same queue.
+MIN_RETRY_AFTER_S = 0.05
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """Queueing bounds per client class: how long a request may be expected to wait before compute.
+
+    Defaults (measured on the 2-core CPU of bench/reliability/overload.py, torch MiniLM): an
+    unloaded request of 8 sentences answers in ~60-110 ms p99 (one forward pass of ~40-90 ms plus
+    HTTP); admitted requests must stay within 2x of that under 4x overload, and what they can be
+    made to wait beyond their own pass is at most the bound plus one pass in progress. 100 ms for
+    interactive clients keeps them at ~1.5-2x of unloaded; batch-class clients get 200 ms: their
+    jobs prefer throughput, a queue of 200 ms keeps the worker busy between their retries, and
+    it is still far from the tens of seconds an unbounded queue let requests wait. Set a bound
+    to 0 to admit a class only into an empty queue; very large values disable time admission.
+    """
+
+    interactive_max_queue_ms: float = 100.0
+    batch_max_queue_ms: float = 200.0
+    # A client may fill at most this fraction of its class bound with its own queued work while it
+    # already has work queued (a client with nothing queued may always send one request).
+    max_client_queue_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.interactive_max_queue_ms < 0 or self.batch_max_queue_ms < 0:
+            raise ValueError(f"queueing bounds must be >= 0 ms, got {self}")
+        if not 0 < self.max_client_queue_fraction <= 1:
+            raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
+
+    def bound_s(self, interactive: bool) -> float:
+        return (self.interactive_max_queue_ms if interactive else self.batch_max_queue_ms) / 1000.0
+
+
+@dataclass(frozen=True)
+class ServiceCost:
+    """``compute_s = overhead_s + s_per_token × tokens`` per forward pass, from recent batches.
+
+    Exponentially weighted least squares over served batches (weight halves every
+    ``halflife_batches``), seeded with the budget fit's line as ``prior_weight`` pseudo-batches, so
+    it starts sane and follows drift (other tenants, a different length mix). ``tokens`` are real
+    tokens: queued work is counted in them, and padding shows up in the slope. Immutable:
+    ``observe`` returns the next state.
+    """
+
+    halflife_batches: float = 32.0
+    sum_w: float = 0.0
+    sum_x: float = 0.0
+    sum_y: float = 0.0
+    sum_xx: float = 0.0
+    sum_xy: float = 0.0
+
+    @classmethod
+    def seeded(
+        cls, overhead_s: float, s_per_token: float, budget_tokens: int, prior_weight: float = 4.0
+    ) -> ServiceCost:
+        """Start from a known line: pseudo-batches at one small and one full batch."""
+        cost = cls()
+        for x in (16.0, float(max(32, budget_tokens))):
+            cost = cost._add(prior_weight / 2, x, overhead_s + s_per_token * x)
+        return cost
+
+    def _add(self, w: float, x: float, y: float) -> ServiceCost:
+        return replace(
+            self,
+            sum_w=self.sum_w + w,
+            sum_x=self.sum_x + w * x,
+            sum_y=self.sum_y + w * y,
+            sum_xx=self.sum_xx + w * x * x,
+            sum_xy=self.sum_xy + w * x * y,
+        )
+
+    def observe(self, num_tokens: int, compute_s: float) -> ServiceCost:
+        if num_tokens <= 0 or compute_s <= 0:
+            return self
+        keep = 0.5 ** (1.0 / self.halflife_batches)
+        decayed = replace(
+            self,
+            sum_w=self.sum_w * keep,
+            sum_x=self.sum_x * keep,
+            sum_y=self.sum_y * keep,
+            sum_xx=self.sum_xx * keep,
+            sum_xy=self.sum_xy * keep,
+        )
+        return decayed._add(1.0, float(num_tokens), compute_s)
+
+    @property
+    def known(self) -> bool:
+        return self.sum_w > 0 and self.sum_x > 0
+
+    def line(self) -> tuple[float, float]:
+        """(overhead_s, s_per_token); a negative intercept or slope (noise) falls back to a line
+        through the origin, as ``budget_fit.fit_cost`` does."""
+        if not self.known:
+            return 0.0, 0.0
+        mean_x = self.sum_x / self.sum_w
+        mean_y = self.sum_y / self.sum_w
+        var_x = self.sum_xx / self.sum_w - mean_x * mean_x
+        if var_x > 1e-9 * max(1.0, mean_x * mean_x):
+            slope = (self.sum_xy / self.sum_w - mean_x * mean_y) / var_x
+            intercept = mean_y - slope * mean_x
+            if slope > 0 and intercept >= 0:
+                return intercept, slope
+        return 0.0, (self.sum_xy / self.sum_xx if self.sum_xx > 0 else 0.0)
+
+    def predict_s(self, num_tokens: float) -> float:
+        overhead_s, s_per_token = self.line()
+        return overhead_s + s_per_token * num_tokens
+
+    def drain_s(self, work_tokens: float, budget_tokens: int) -> float:
+        """Compute time to serve ``work_tokens`` of queued work in batches of ``budget_tokens``."""
+        if work_tokens <= 0:
+            return 0.0
+        overhead_s, s_per_token = self.line()
+        return s_per_token * work_tokens + overhead_s * math.ceil(work_tokens / max(1, budget_tokens))
+
+    def tokens_within_s(self, budget_s: float, min_tokens: int = 1) -> int:
+        """The most tokens one forward pass can hold and still end within ``budget_s``."""
+        overhead_s, s_per_token = self.line()
+        if s_per_token <= 0:
+            return min_tokens
+        return max(min_tokens, int((budget_s - overhead_s) / s_per_token))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What the runner knows when a request arrives, in tokens and seconds."""
+
+    work_ahead_tokens: float  # queued work served before this request's entries (fair order)
+    client_backlog_tokens: float  # this client's own queued work (part of ``work_ahead_tokens``)
+    request_tokens: float  # the work this request adds
+    running_left_s: float  # expected rest of the forward pass in progress (0 when idle)
+    deadline_left_s: float  # the request's deadline, from now
+    interactive: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``admit``; otherwise ``kind`` ("overloaded" 503 or "rate_limited" 429), ``code``, and the
+    Retry-After derived from the same estimate."""
+
+    admit: bool
+    expected_wait_s: float
+    allowed_wait_s: float
+    kind: str = ""
+    code: str = ""
+    retry_after_s: float = 0.0
+
+    def message(self) -> str:
+        if self.admit:
+            return "admitted"
+        wait_ms, allowed_ms, retry_ms = (
+            1000 * self.expected_wait_s,
+            1000 * self.allowed_wait_s,
+            1000 * self.retry_after_s,
+        )
+        if self.code == "fair_share_queue":
+            return (
+                f"this client's queued work would take {wait_ms:.0f} ms of compute, over its share of the queue "
+                f"({allowed_ms:.0f} ms); retry in about {retry_ms:.0f} ms"
+            )
+        what = "its deadline" if self.code == "deadline_unmeetable" else "the queueing bound of its class"
+        return (
+            f"the server is overloaded: expected wait {wait_ms:.0f} ms exceeds {what} ({allowed_ms:.0f} ms); "
+            f"retry in about {retry_ms:.0f} ms"
+        )
+
+
+def admit(waiting: Waiting, cost: ServiceCost, budget_tokens: int, policy: AdmissionPolicy) -> Verdict:
+    """Admit or refuse one request (see the module docstring). Pure.
+
+    Order: the client's own share first (429: it is the one filling the queue), then the expected
+    wait against min(deadline, class bound) (503). Retry-After is when the work ahead will have
+    drained enough for this request to fit, never less than ``MIN_RETRY_AFTER_S``.
+    """
+    bound_s = policy.bound_s(waiting.interactive)
+    allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
+    if not cost.known:
+        return Verdict(True, 0.0, allowed_s)
+    client_s = cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, budget_tokens)
+    share_s = policy.max_client_queue_fraction * bound_s
+    if waiting.client_backlog_tokens > 0 and client_s > share_s:
+        retry_s = client_s - share_s
+        return Verdict(False, client_s, share_s, "rate_limited", "fair_share_queue", max(MIN_RETRY_AFTER_S, retry_s))
+    expected_s = waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, budget_tokens)
+    if expected_s <= allowed_s:
+        return Verdict(True, expected_s, allowed_s)
+    code = "deadline_unmeetable" if waiting.deadline_left_s < bound_s else "queue_full"
+    retry_s = expected_s - allowed_s
+    return Verdict(False, expected_s, allowed_s, "overloaded", code, max(MIN_RETRY_AFTER_S, retry_s))
