@@ -41,9 +41,15 @@ Example (every key optional)::
     trace_path = "/tmp/keys.trace"     # record looked-up keys for bench/cache (default: off)
 
     [fairness]
-    interactive_budget_tokens = 256    # batch cap while interactive and batch clients mix
+    interactive_budget_ms = 15.0       # batch-class pass cap (compute time) while interactive traffic is recent
+    interactive_budget_tokens = 256    # ... the same cap in tokens, until a batch has been measured
     interactive_window_s = 10.0         # "recent" interactive traffic: the cap applies this long after it
-    max_client_queue_fraction = 0.5    # one client's share of the queue before 429
+    max_client_queue_fraction = 0.5    # one client's share of the queue (texts) before 429
+
+    [admission]                        # refuse at once what is expected to wait longer than this
+    interactive_max_queue_ms = 100.0   # expected wait before compute, interactive clients
+    batch_max_queue_ms = 200.0         # ... batch-class clients (a request's deadline may lower both)
+    max_client_queue_fraction = 0.5    # one client's queued work, as a fraction of its bound, before 429
 
     [[models]]
     name = "minilm"
@@ -68,6 +74,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from polyray.cache.config import CacheConfig
+from polyray.engine.admission import AdmissionPolicy
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.runner import FairnessPolicy
 
@@ -212,6 +219,7 @@ class Settings:
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
 
 
 def default_threads() -> int:
@@ -266,7 +274,7 @@ def _build(cls: Any, table: Any, where: str) -> Any:
 
 
 def parse_settings(data: dict[str, Any]) -> Settings:
-    unknown = sorted(set(data) - {"server", "batching", "models", "tenancy", "fairness", "cache"})
+    unknown = sorted(set(data) - {"server", "batching", "models", "tenancy", "fairness", "cache", "admission"})
     if unknown:
         raise ConfigError(f"unknown sections: {', '.join(unknown)}")
     settings = Settings()
@@ -281,6 +289,8 @@ def parse_settings(data: dict[str, Any]) -> Settings:
         settings = replace(settings, tenancy=_build(TenancyConfig, data["tenancy"], "tenancy"))
     if "fairness" in data:
         settings = replace(settings, fairness=_build(FairnessPolicy, data["fairness"], "fairness"))
+    if "admission" in data:
+        settings = replace(settings, admission=_build(AdmissionPolicy, data["admission"], "admission"))
     if "cache" in data:
         settings = replace(settings, cache=_build(CacheConfig, data["cache"], "cache"))
     if settings.tenancy.auth == "none" and settings.server.host not in LOOPBACK_HOSTS:
