@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from polyray import __version__
+from polyray.api.body import strict_query
 from polyray.api.errors import install_error_handlers
 from polyray.api.openapi import install_openapi
 from polyray.api.routes import admin, embeddings, heads, system, usage
@@ -61,7 +62,7 @@ def create_app(
             if tenancy is not None:
                 await tenancy.stop()
 
-    app = FastAPI(title="polyray", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="polyray", version=__version__, lifespan=lifespan, dependencies=[Depends(strict_query)])
     app.state.polyray = AppState(engine, settings, metrics or Metrics(), tenancy, head_service)
     install_error_handlers(app)
     app.include_router(embeddings.router)

@@ -52,6 +52,23 @@ async def read_json(request: Request, limit_bytes: int | None = None) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
+def strict_query(request: Request) -> None:
+    """Every route's query string: only the parameters it declares, each at most once (400 otherwise).
+
+    The same rule as unknown body fields: ``?sincee=-7d`` silently answering the default window, or
+    ``?model=a&model=b`` silently picking one, would hide a caller's mistake."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    known = {param.alias for param in getattr(dependant, "query_params", ())}
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key not in known:
+            accepted = f"; this route takes {', '.join(sorted(known))}" if known else "; this route takes none"
+            raise InvalidRequest(f"unknown query parameter {key!r}{accepted}", param=key)
+        if key in seen:
+            raise InvalidRequest(f"query parameter {key!r} is given more than once; send it once", param=key)
+        seen.add(key)
+
+
 def route_label(request: Request) -> str:
     """The route's path template (``/v1/heads/{head}``), never the raw path: bounded label values."""
     route = request.scope.get("route")
@@ -69,4 +86,12 @@ def on_client_gone(request: Request) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "ClientDisconnect", "on_client_gone", "read_body", "read_json", "route_label"]
+__all__ = [
+    "CLIENT_CLOSED_REQUEST",
+    "ClientDisconnect",
+    "on_client_gone",
+    "read_body",
+    "read_json",
+    "route_label",
+    "strict_query",
+]

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from polyray.api.body import on_client_gone
 from polyray.errors import ErrorKind, PolyrayError
@@ -61,6 +62,16 @@ def polyray_error_response(exc: PolyrayError) -> Response:
     return error_response(exc.kind, exc.message, param=exc.param, code=exc.code, retry_after_s=exc.retry_after_s)
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this URL (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"} | {"type": "http"})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_polyray_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, PolyrayError)
@@ -78,7 +89,10 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         kind = _KIND_BY_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
         message = f"{exc.detail} ({request.method} {request.url.path})"
-        return error_response(kind, message, status=exc.status_code, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return error_response(kind, message, status=exc.status_code, headers=headers)
 
     async def on_client_disconnect(request: Request, _: Exception) -> Response:
         return on_client_gone(request)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+import sys
+import unicodedata
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from polyray.api.heads_protocol import CreateHead, InferRequest, ShareHead, parse
 from polyray.api.protocol import (
     check_body_size,
     check_dimensions,
     encode_vector,
+    has_text,
     parse_embeddings_request,
     texts_from_input,
 )
@@ -70,6 +76,9 @@ def test_texts_keep_surrounding_whitespace() -> None:
         pytest.param(body(input=" \t\n "), "input", id="whitespace-string"),
         pytest.param(body(input=["ok", ""]), "input[1]", id="empty-item"),
         pytest.param(body(input=["ok", "   "]), "input[1]", id="whitespace-item"),
+        pytest.param(body(input="\u200b\u200d\ufeff"), "input", id="zero-width-only"),
+        pytest.param(body(input=["ok", "\x00\x00"]), "input[1]", id="nul-only-item"),
+        pytest.param(body(input=["ok", "\u202e \x7f\u2060"]), "input[1]", id="bidi-control-format-only"),
         pytest.param(body(input=["ok", 5]), "input[1]", id="int-item"),
         pytest.param(body(input=["ok", None]), "input[1]", id="none-item"),
         pytest.param(body(input=["ok", 1.5]), "input[1]", id="float-item"),
@@ -136,6 +145,66 @@ def test_check_body_size() -> None:
     assert info.value.code == "body_too_large"
     assert info.value.kind is ErrorKind.TOO_LARGE
     assert "100" in info.value.message
+
+
+# -- a text must have something to embed ----------------------------------------------------
+
+_BLANK_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+
+
+def test_has_text_for_every_code_point() -> None:
+    """Exhaustive over Unicode: a character counts as text unless it is whitespace, a control or a
+    format (invisible) character, exactly as unicodedata classifies it."""
+    wrong = [
+        hex(c)
+        for c in range(sys.maxunicode + 1)
+        if has_text(chr(c)) == (unicodedata.category(chr(c)) in _BLANK_CATEGORIES or chr(c).isspace())
+    ]
+    assert wrong == []
+
+
+@given(st.text())
+def test_has_text_is_any_visible_character(value: str) -> None:
+    visible = any(not (unicodedata.category(ch) in _BLANK_CATEGORIES or ch.isspace()) for ch in value)
+    assert has_text(value) == visible
+
+
+@pytest.mark.parametrize("text", ["a", " a ", "\u200ba", "\x00x", "日本", "😀", "\U000f0000"])
+def test_text_with_a_visible_character_is_kept_as_sent(text: str) -> None:
+    assert texts_from_input([text], MAX_ITEMS) == (text,)
+
+
+# -- /v1/infer: the same strictness -----------------------------------------------------------
+
+
+def infer_body(**fields: Any) -> dict[str, Any]:
+    return {"model": "minilm", "input": "hello", **fields}
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        pytest.param(infer_body(return_embedding="yes"), "return_embedding", id="bool-as-string"),
+        pytest.param(infer_body(return_embedding=1), "return_embedding", id="bool-as-int"),
+        pytest.param(infer_body(heads="topics"), "heads", id="heads-string"),
+        pytest.param(infer_body(heads=[1]), "heads.0", id="heads-int-item"),
+        pytest.param(infer_body(model=1), "model", id="model-int"),
+        pytest.param(infer_body(extra=1), "extra", id="unknown-field"),
+    ],
+)
+def test_infer_body_is_strict(payload: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(InferRequest, payload)
+    assert info.value.param == param
+
+
+def test_head_bodies_are_strict() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(CreateHead, {"name": 5, "kind": "classifier", "examples": []})
+    assert info.value.param == "name"
+    with pytest.raises(InvalidRequest) as info:
+        parse(ShareHead, {"clients": "bob"})
+    assert info.value.param == "clients"
 
 
 # -- vector encoding -------------------------------------------------------------------------
