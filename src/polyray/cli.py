@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from polyray.config import ConfigError, Settings, load_settings
 from polyray.errors import ModelLoadError, PolyrayError
 
 if TYPE_CHECKING:
+    from polyray.server import Ready
     from polyray.tenancy.service import BootstrapKeys
 
 log = logging.getLogger("polyray")
@@ -48,59 +48,75 @@ def _load(config: str | None) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    # Before torch loads OpenMP: idle OpenMP threads yield the core instead of spinning. In a
-    # server the event loop and the model share the cores; measured on 2 cores, spinning threads
-    # slowed the HTTP work that overlaps compute, and an idle server's spinning cut another
-    # process's throughput by 2-3x. Set OMP_WAIT_POLICY yourself to override.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
-    from polyray.api.app import create_app
-    from polyray.config import LOOPBACK_HOSTS
-    from polyray.engine.build import build_engine
-    from polyray.observability.metrics import Metrics
-    from polyray.tenancy.service import Tenancy
+    """The composition lives in ``polyray.server``; here: what the person at the terminal sees."""
+    from polyray.server import serve
 
     settings = _load(args.config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    if settings.tenancy.auth == "none" and host not in LOOPBACK_HOSTS:
-        raise ConfigError(f"[tenancy] auth = 'none' is allowed only on loopback, not --host {host}")
-    metrics = Metrics()
-    tenancy = Tenancy.open(settings.tenancy, on_record=metrics.on_usage)
-    if tenancy.bootstrap_keys is not None:
-        _print_bootstrap(tenancy.bootstrap_keys, host, port)
-    engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)  # a broken model fails here
-    metrics.watch_cache(engine.cache_report)
-    metrics.watch_tenancy(tenancy.health_report)
-    app = create_app(engine, settings, metrics, tenancy=tenancy)
-    log.info("serving %s on http://%s:%d", ", ".join(str(m.ref) for m in engine.models()), host, port)
-    # uvicorn drains on SIGTERM/SIGINT, restores the previous handlers and re-raises the signal;
-    # with these no-op handlers in place that re-raise is harmless and a drained shutdown exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
-    return 0
-
-
-def _print_bootstrap(keys: BootstrapKeys, host: str, port: int) -> None:
-    """Shown once, on the first start with an empty database: the keys are stored only hashed."""
+    models = ", ".join(f"{m.name}@{m.version}" for m in settings.models)
+    fitting = any(m.fit_batch_budget and m.backend != "dummy" for m in settings.models)
     print(
-        f"""
-polyray: empty client database; created client {keys.client!r} and an admin key.
-Keep them now: they are stored hashed and never shown again (new ones: polyray clients rotate-key).
-
-  client key ({keys.client}): {keys.client_key}
-  admin key:                {keys.admin_key}
-
-  curl -s http://{host}:{port}/v1/embeddings -H "Authorization: Bearer {keys.client_key}" \\
-       -H "Content-Type: application/json" -d '{{"model": "minilm", "input": "hello"}}'
-""",
+        f"polyray: loading {models}"
+        + (" and fitting its batch budget (first start ~30 s; later starts reuse the fit)" if fitting else "")
+        + "... the server answers once 'polyray: ready' is printed.",
         file=sys.stderr,
         flush=True,
     )
+    return serve(
+        settings,
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        on_ready=lambda ready: _print_bootstrap(ready.bootstrap_keys, ready),
+        on_not_started=_print_bootstrap,
+    )
+
+
+def _print_bootstrap(keys: BootstrapKeys | None, ready: Ready | None = None) -> None:
+    """With ``ready``: printed once the port accepts connections and the models are loaded, so
+    every line works when pasted. On the first start (an empty database) it shows the bootstrap
+    keys, stored only hashed, and a curl line that reads the key from ``$POLYRAY_API_KEY`` (the
+    variable the SDK and ``polyray heads`` read too). Without ``ready``: the server created keys
+    but stopped before it was ready; they are shown anyway (the next start makes none).
+
+    One unbuffered write: never interleaved with a log line, and safe in a signal handler.
+    """
+    import shutil
+    from pathlib import Path
+
+    # ``polyray`` when that is what PATH finds, else this executable's full path: after ``pip
+    # install`` into a virtualenv that is not activated, ``polyray ...`` would fail when pasted.
+    running = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    on_path = shutil.which("polyray")
+    if on_path is not None and (running is None or Path(on_path).resolve() == running):
+        command = "polyray"
+    elif running is not None and running.suffix != ".py" and os.access(running, os.X_OK):
+        command = str(running)
+    else:
+        command = f"{sys.executable} -m polyray.cli"  # run as ``python -m polyray.cli``
+    lines = [f"polyray: ready on {ready.url}"] if ready is not None else ["", "polyray: the server did not start."]
+    if keys is not None:
+        lines += [
+            "",
+            f"polyray: empty client database; created client {keys.client!r} and an admin key.",
+            "Keep them now: they are stored hashed and never shown again "
+            f"(new ones: {command} clients rotate-key {keys.client}).",
+            "",
+            f"  client key ({keys.client}): {keys.client_key}",
+            f"  admin key:                {keys.admin_key}   (for /v1/admin/*; it cannot embed)",
+            "",
+        ]
+    if keys is not None and ready is not None:
+        lines += [
+            "Try it (paste into this shell):",
+            "",
+            f"  export POLYRAY_API_KEY={keys.client_key}",
+            f'  curl -sS {ready.url}/v1/embeddings -H "Authorization: Bearer $POLYRAY_API_KEY" \\',
+            f"""       -H "Content-Type: application/json" -d '{{"model": "{ready.model}", "input": "hello"}}'""",
+            "",
+        ]
+    os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

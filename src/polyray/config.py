@@ -14,6 +14,14 @@ Example (every key optional)::
     max_queue_items = 8192
     request_timeout_s = 60.0
     truncate = true            # false: texts over the model's maximum are rejected (400)
+    idle_timeout_s = 5.0       # connection limits and draining: see ServerConfig and polyray.server
+    head_timeout_s = 10.0
+    body_timeout_s = 30.0
+    max_head_bytes = 32768
+    max_headers = 100
+    max_connections = 2048
+    drain_grace_s = 5.0
+    shutdown_timeout_s = 30.0
     metrics_auth = "admin"     # per-client /metrics series only with an admin key; "none": to anyone
 
     [batching]
@@ -88,6 +96,19 @@ class ConfigError(ValueError):
     """The configuration file is unreadable or names an unknown key or a bad value."""
 
 
+# ServerConfig's connection limits: (field, lowest, highest), checked at load (units in the field names).
+_SERVER_CONNECTION_BOUNDS: tuple[tuple[str, float, float], ...] = (
+    ("idle_timeout_s", 0.1, 3600),
+    ("head_timeout_s", 0.1, 600),
+    ("body_timeout_s", 0.1, 3600),
+    ("max_head_bytes", 1024, 1048576),
+    ("max_headers", 8, 10000),
+    ("max_connections", 16, 1000000),
+    ("drain_grace_s", 0, 300),
+    ("shutdown_timeout_s", 0, 3600),
+)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -97,6 +118,17 @@ class ServerConfig:
     max_queue_items: int = 8192
     request_timeout_s: float = 60.0
     truncate: bool = True
+    # Connection limits (polyray.server): every phase of a connection has a deadline, so idle and
+    # slow connections cannot hold descriptors forever (slowloris), and one client's sockets
+    # cannot starve everyone else's. Behind a load balancer, set idle_timeout_s above its idle timeout.
+    idle_timeout_s: float = 5.0  # a connection with no request in progress (new or kept alive) closes after this; 0.1-3600
+    head_timeout_s: float = 10.0  # the request line and headers must arrive within this of their first byte; 0.1-600
+    body_timeout_s: float = 30.0  # the whole body must arrive within this of the head's end (408); 0.1-3600
+    max_head_bytes: int = 32768  # request line + headers; over it: 431 and close; 1024-1048576
+    max_headers: int = 100  # header fields per request; over it: 431 and close; 8-10000
+    max_connections: int = 2048  # open client connections; lowered to fit the descriptor limit; 16-1000000
+    drain_grace_s: float = 5.0  # SIGTERM/SIGINT: /readyz answers 503 this long before the listener closes; 0-300
+    shutdown_timeout_s: float = 30.0  # then in-flight requests get this long before they are cancelled; 0-3600
     # Who sees the per-client series of GET /metrics (polyray_client_*: every client's name,
     # requests, tokens and compute). "admin" (default): only a scrape that sends an admin key
     # (Authorization: Bearer <admin key>); without one, /metrics answers the aggregate series
@@ -109,6 +141,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.metrics_auth not in ("admin", "none"):
             raise ConfigError(f"[server] metrics_auth must be 'admin' or 'none', got {self.metrics_auth!r}")
+        for name, low, high in _SERVER_CONNECTION_BOUNDS:
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{name} must be within {low}-{high}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,21 @@ async def healthz() -> Response:
     return _json({"status": "ok"})
 
 
+# Set in the request scope by polyray.server.DrainGate while the server drains (value: the reason).
+DRAINING_SCOPE_KEY = "polyray.draining"
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
+    """200 when every model is loaded; 503 while loading, and while draining after SIGTERM/SIGINT
+    (for ``drain_grace_s`` before the listener closes), so a load balancer stops sending first.
+    Liveness is ``/healthz``, which stays 200 while draining: the process is healthy, only leaving."""
     state: AppState = request.app.state.polyray
     models = {str(info.ref): info.ready for info in state.engine.models()}
+    draining = request.scope.get(DRAINING_SCOPE_KEY)
+    if draining is not None:
+        body = {"status": "draining", "reason": f"shutting down: {draining}", "models": models}
+        return _json(body, 503)
     ready = state.engine.ready
     return _json({"status": "ready" if ready else "not_ready", "models": models}, 200 if ready else 503)
 
