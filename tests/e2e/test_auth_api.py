@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
-from polyray.config import ModelConfig, ServerConfig, Settings, TenancyConfig
+from polyray.config import ConfigError, ModelConfig, ServerConfig, Settings, TenancyConfig, parse_settings
 from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
 from polyray.observability.metrics import Metrics
@@ -75,9 +76,9 @@ def tenancy_config(tmp_path: Path) -> TenancyConfig:
     )
 
 
-def settings_for(config: TenancyConfig) -> Settings:
+def settings_for(config: TenancyConfig, server: ServerConfig | None = None) -> Settings:
     return Settings(
-        server=ServerConfig(max_items=16),
+        server=server or ServerConfig(max_items=16),
         models=(ModelConfig(name="minilm", version="1", backend="dummy", dim=DIM),),
         tenancy=config,
     )
@@ -94,20 +95,28 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BootstrapK
     return where / "polyray.db", keys
 
 
-def open_copy(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> tuple[Tenancy, Settings]:
+def open_copy(
+    tmp_path: Path,
+    template: tuple[Path, BootstrapKeys],
+    server: ServerConfig | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[Tenancy, Settings]:
     shutil.copyfile(template[0], tmp_path / "polyray.db")
     config = tenancy_config(tmp_path)
-    tenancy = Tenancy.open(config)
+    tenancy = Tenancy.open(config, on_record=metrics.on_usage if metrics is not None else None)
     assert tenancy.bootstrap_keys is None  # not empty: no new keys
-    return tenancy, settings_for(config)
+    return tenancy, settings_for(config, server)
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> AsyncIterator[Served]:
-    tenancy, settings = open_copy(tmp_path, template)
+async def serving(
+    tmp_path: Path, template: tuple[Path, BootstrapKeys], server: ServerConfig | None = None
+) -> AsyncIterator[Served]:
+    metrics = Metrics()  # wired as `polyray serve` wires it: engine observer and usage sink
+    tenancy, settings = open_copy(tmp_path, template, server, metrics)
     keys = template[1]
-    engine = build_engine(settings, accounts=tenancy.accounts)
-    app = create_app(engine, settings, Metrics(), warmup=False, tenancy=tenancy)
+    engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)
+    app = create_app(engine, settings, metrics, warmup=False, tenancy=tenancy)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10.0) as http:
@@ -158,6 +167,20 @@ async def test_wrong_key_is_401(api: Served, header: str) -> None:
     response = await api.http.post(ROUTE, json={"model": "minilm", "input": "x"}, headers={"Authorization": header})
     assert_error(response, 401, "unauthenticated")
     assert "WWW-Authenticate" in response.headers
+
+
+@pytest.mark.parametrize("header", [None, "Bearer pk-c00000000_not-a-real-key"])
+async def test_401_says_how_to_send_a_key(api: Served, header: str | None) -> None:
+    """Every way to pass a key, by its one name: the header, the CLI/SDK option and the variable."""
+    headers = {"Authorization": header} if header else {}
+    for response in (
+        await api.http.post(ROUTE, json={"model": "minilm", "input": "x"}, headers=headers),
+        await api.http.get("/v1/admin/clients", headers=headers),
+        await api.http.get("/v1/usage", headers=headers),
+    ):
+        message = assert_error(response, 401, "unauthenticated")["message"]
+        for needed in ("Authorization: Bearer <key>", "--key", "POLYRAY_API_KEY"):
+            assert needed in message, message
 
 
 async def test_key_of_a_disabled_client_is_403_from_the_next_request(api: Served) -> None:
@@ -250,6 +273,24 @@ async def test_a_client_cannot_read_another_clients_usage(api: Served) -> None:
     response = await api.http.get("/v1/usage?client=nobody", headers={"Authorization": f"Bearer {alice}"})
     assert_error(response, 403, "forbidden", "not_your_usage")
     assert_error(await api.http.get("/v1/usage"), 401, "unauthenticated")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("since=-1000000d", id="before-year-1"),
+        pytest.param("since=-99999999999d", id="huge"),
+        pytest.param("since=-%C2%B2d", id="superscript-digit"),
+        pytest.param("since=-" + "9" * 5000 + "d", id="5000-digits"),
+        pytest.param("until=0001-01-01T00:00%2B01:00", id="offset-before-year-1"),
+        pytest.param("until=%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%94-01-01", id="fullwidth-digits"),
+    ],
+)
+async def test_out_of_range_or_odd_times_are_400_naming_the_param(api: Served, query: str) -> None:
+    for key in (api.client_key, api.admin_key):
+        response = await api.http.get(f"/v1/usage?{query}", headers={"Authorization": f"Bearer {key}"})
+        error = assert_error(response, 400, "invalid_request")
+        assert error["param"] == query.split("=")[0], error
 
 
 async def test_admin_reads_all_usage(api: Served) -> None:
@@ -366,6 +407,8 @@ INVALID_CREATE = [
     pytest.param({}, "name", id="no-name"),
     pytest.param({"name": "Has Spaces"}, "name", id="bad-name"),
     pytest.param({"name": "a" * 64}, "name", id="long-name"),
+    pytest.param({"name": "alice\n"}, "name", id="trailing-newline"),
+    pytest.param({"name": "alice\r\n"}, "name", id="trailing-crlf"),
     pytest.param([{"name": "x"}], None, id="array-body"),
 ]
 
@@ -402,6 +445,49 @@ async def test_invalid_patch_bodies_are_400(api: Served, body: dict[str, Any]) -
     assert_error(await api.admin("PATCH", f"/clients/{FIRST_CLIENT}", body), 400, "invalid_request")
     client = (await api.admin("GET", f"/clients/{FIRST_CLIENT}")).json()
     assert client["disabled"] is False and client["share"] == 1.0 and client["priority"] == "interactive"
+
+
+# -- /metrics: per-client series are tenants' data ---------------------------------------------
+
+
+def client_series(text: str) -> set[str]:
+    """Names of the client-labelled samples in a Prometheus text page."""
+    return {
+        sample.name
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "client" in sample.labels or sample.name.startswith("polyray_client_")
+    }
+
+
+async def test_per_client_metrics_need_an_admin_key(api: Served) -> None:
+    assert (await api.embed(api.client_key)).status_code == 200
+    admin = await api.http.get("/metrics", headers={"Authorization": f"Bearer {api.admin_key}"})
+    assert admin.status_code == 200
+    assert {"polyray_client_requests_total", "polyray_client_compute_seconds_total"} <= client_series(admin.text)
+    assert FIRST_CLIENT in admin.text
+    for headers in ({}, {"Authorization": f"Bearer {api.client_key}"}):
+        public = await api.http.get("/metrics", headers=headers)
+        assert public.status_code == 200
+        assert client_series(public.text) == set()
+        assert "polyray_client_" not in public.text and FIRST_CLIENT not in public.text
+        assert "polyray_requests_total" in public.text  # the aggregate series are all there
+    assert_error(await api.http.get("/metrics", headers={"Authorization": "Bearer pk-nope"}), 401, "unauthenticated")
+
+
+async def test_metrics_auth_none_shows_every_series_to_anyone(
+    tmp_path: Path, template: tuple[Path, BootstrapKeys]
+) -> None:
+    async with serving(tmp_path, template, server=ServerConfig(max_items=16, metrics_auth="none")) as open_api:
+        assert (await open_api.embed(open_api.client_key)).status_code == 200
+        page = await open_api.http.get("/metrics")
+        assert page.status_code == 200
+        assert "polyray_client_requests_total" in client_series(page.text)
+
+
+def test_metrics_auth_is_checked() -> None:
+    with pytest.raises(ConfigError, match="metrics_auth"):
+        parse_settings({"server": {"metrics_auth": "clients"}})
 
 
 # -- quotas over HTTP --------------------------------------------------------------------------

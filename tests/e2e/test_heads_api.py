@@ -254,6 +254,12 @@ async def test_heads_are_bound_to_one_version_and_retrain_for_another(api: Heads
             "name",
         ),
         (
+            {"name": "topics\n", "kind": "classifier", "examples": classifier_examples()},
+            400,
+            "invalid_head_name",
+            "name",
+        ),
+        (
             {"name": "h", "kind": "classifier", "model": "nomodel", "examples": classifier_examples()},
             404,
             "model_not_found",
@@ -310,6 +316,26 @@ async def test_duplicate_names_unknown_heads_and_bad_infer_bodies(api: HeadsApi)
     assert_error(await api.infer(api.alice, {**ok, "verbose": True}), 400, "invalid_request")
     no_heads = await api.infer(api.alice, {**ok, "heads": [], "return_embedding": True})
     assert no_heads.status_code == 200 and len(no_heads.json()["data"][0]["embedding"]) == DIM
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        pytest.param({"return_embedding": "yes"}, "return_embedding", id="bool-as-string"),
+        pytest.param({"return_embedding": 1}, "return_embedding", id="bool-as-int"),
+        pytest.param({"input": "\u200b\u200b"}, "input", id="zero-width-only"),
+        pytest.param({"input": "\u0000"}, "input", id="nul-only"),
+        pytest.param({"input": ["fine", "\ufeff \u2060"]}, "input[1]", id="invisible-item"),
+    ],
+)
+async def test_infer_validates_as_strictly_as_embeddings(api: HeadsApi, fields: dict[str, Any], param: str) -> None:
+    """The same body is refused by /v1/infer and /v1/embeddings, with the same param named."""
+    infer = {"model": "minilm", "input": "text", "heads": [], **fields}
+    assert assert_error(await api.infer(api.alice, infer), 400, "invalid_request")["param"] == param
+    if "input" in fields:
+        embeddings = {"model": "minilm", "input": fields["input"]}
+        refused = await api.call("POST", "/v1/embeddings", api.alice, embeddings)
+        assert assert_error(refused, 400, "invalid_request")["param"] == param
 
 
 async def test_a_head_not_yet_trained_is_refused_and_a_restart_resumes_its_training(

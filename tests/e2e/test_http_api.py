@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import numpy as np
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
@@ -151,6 +153,8 @@ BAD_REQUESTS = [
     pytest.param(body(input=""), "input", ("empty",), id="empty-string"),
     pytest.param(body(input=" \t\n "), "input", ("empty",), id="whitespace-string"),
     pytest.param(body(input=["ok", "  "]), "input[1]", ("input[1]", "empty"), id="whitespace-item"),
+    pytest.param(body(input="\u200b\u200c\ufeff"), "input", ("no text",), id="zero-width-only"),
+    pytest.param(body(input=["ok", "\u0000\u0000"]), "input[1]", ("input[1]", "no text"), id="nul-only-item"),
     pytest.param(body(input=["ok", 5]), "input[1]", ("input[1]",), id="int-item"),
     pytest.param(body(input=["ok", 1.5]), "input[1]", ("input[1]", "string", "float"), id="float-item"),
     pytest.param(body(input=["ok", None]), "input[1]", ("input[1]", "string"), id="null-item"),
@@ -574,3 +578,59 @@ async def test_405_names_the_allowed_method(api: Served) -> None:
     response = await api.client.get(ROUTE)
     assert response.status_code == 405
     assert response.headers.get("Allow") == "POST"
+
+
+async def test_405_allow_lists_every_method_of_the_url(api: Served) -> None:
+    """Starlette names only the first route's methods; the answer must list all of them."""
+    response = await api.client.put("/v1/heads")  # two routes: GET (list) and POST (create)
+    assert_error(response, 405, "invalid_request", param=None)
+    assert response.headers["Allow"] == "GET, POST"
+    response = await api.client.put("/v1/heads/owner/name/share")  # GET/DELETE a head "owner/name/share", POST share
+    assert response.headers["Allow"] == "DELETE, GET, POST"
+
+
+@pytest.mark.parametrize(
+    ("query", "param", "contains"),
+    [
+        pytest.param("?limit=3", "limit", ("unknown query parameter 'limit'", "takes none"), id="unknown"),
+        pytest.param("?x=1&x=2", "x", ("unknown",), id="unknown-repeated"),
+    ],
+)
+async def test_unknown_query_parameter_is_400(api: Served, query: str, param: str, contains: tuple[str, ...]) -> None:
+    assert_error(await api.client.get(f"/v1/models{query}"), 400, "invalid_request", param=param, contains=contains)
+    # The same on a POST route: the body is fine, the query string is not.
+    assert_error(await api.client.post(f"{ROUTE}{query}", json=body()), 400, "invalid_request", param=param)
+
+
+# -- a caller that hangs up mid-body -------------------------------------------------------------
+
+
+async def test_hang_up_mid_body_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """Over real TCP: the body is announced as 1,000 bytes, 100 are sent, the socket closes. No
+    traceback and no ERROR is logged, the server counts it, and the next request is served."""
+    engine = build_engine(replace(make_settings(), cache=replace(make_settings().cache, enabled=False)))
+    metrics = Metrics()
+    app = create_app(engine, make_settings(), metrics, warmup=False)
+    caplog.set_level(logging.DEBUG)
+    with serve_in_thread(app) as base_url:
+        host, port = base_url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {ROUTE} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n".encode()
+            + b'{"model": "minilm", "input": "'
+            + b"x" * 70
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await writer.wait_closed()
+        deadline = time.monotonic() + 10
+        while requests_by_outcome(metrics.render().decode()).get("disconnected") != 1.0:
+            assert time.monotonic() < deadline, metrics.render().decode()
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            assert (await http.post(ROUTE, json=body())).status_code == 200
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [r for r in caplog.records if r.exc_info] == []
+    assert any("mid-body" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)

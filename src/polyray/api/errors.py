@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator
 
 import orjson
 from fastapi import FastAPI, Request
@@ -11,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from polyray.api.body import on_client_gone
 from polyray.errors import ErrorKind, PolyrayError
@@ -65,11 +66,23 @@ def polyray_error_response(exc: PolyrayError) -> Response:
 def allowed_methods(app: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this URL (Starlette's 405 names only the first route's)."""
     methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"} | {"type": "http"})
+    scope = {**request.scope, "type": "http", "method": "GET"}
+    for route in _leaf_routes(app.router.routes):
+        match, _ = route.matches(scope)
         if match is not Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
+
+
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves: FastAPI (0.165) keeps an included router as one wrapper route
+    holding ``original_router``; our routers carry their prefixes, so their paths are complete."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -179,7 +179,10 @@ _HEALTH: dict[str, Any] = {"type": "object", "properties": {"status": {"type": "
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses=`` entries for the error statuses a route can answer, each the error shape."""
-    return {s: {"model": ErrorBody, "description": _STATUS_TEXT[s]} for s in statuses}
+    # Explicit JSON content (not ``model=``): FastAPI would give the route's own media type, and
+    # /metrics answers text/plain while its errors are JSON. install_openapi adds the schema.
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    return {s: {"description": _STATUS_TEXT[s], "content": content} for s in statuses}
 
 
 def ok(model: type[BaseModel], status: int = 200, description: str = "Success") -> dict[int | str, dict[str, Any]]:
@@ -218,15 +221,24 @@ def install_openapi(app: FastAPI) -> None:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[name] = schema
-        for path in doc.get("paths", {}).values():
-            for operation in path.values():
-                responses = operation.get("responses", {})
-                responses.pop("422", None)  # validation errors are 400 here
         health = {"description": "The status", "content": {"application/json": {"schema": _HEALTH}}}
         for probe in ("/healthz", "/readyz"):
             for operation in doc.get("paths", {}).get(probe, {}).values():
                 operation["security"] = PUBLIC  # probes carry no key
                 operation["responses"] = {"200": health, "503": {**health, "description": "Not ready"}}
+        error_schema = {"$ref": "#/components/schemas/ErrorBody"}
+        error_body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(error_body.pop("$defs", {}))
+        schemas["ErrorBody"] = error_body
+        for path in doc.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)  # validation errors are 400 here
+                # Any route refuses an unknown or repeated query parameter (api.body.strict_query).
+                responses.setdefault(
+                    "400",
+                    {"description": _STATUS_TEXT[400], "content": {"application/json": {"schema": error_schema}}},
+                )
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
         doc["components"]["securitySchemes"] = {
