@@ -225,12 +225,21 @@ class TenancyConfig:
     refresh_interval_s: float = 2.0
     flush_interval_s: float = 1.0
     spool_path: str | None = None
+    # Client-side deadline of one database call (a ledger batch, a refresh, an admin change): a
+    # database that accepts packets but never answers (a partition behind a proxy) fails the call
+    # after this long instead of hanging it; the ledger spools and retries. 0.5-600 s.
+    db_timeout_s: float = 5.0
+    # Append each usage record to a local journal before the response (survives SIGKILL; see
+    # polyray.tenancy.journal for the measured cost). Off: a hard kill may lose the last flush interval.
+    journal: bool = True
 
     def __post_init__(self) -> None:
         if self.auth not in ("keys", "none"):
             raise ConfigError(f"[tenancy] auth must be 'keys' or 'none', got {self.auth!r}")
         if self.refresh_interval_s <= 0 or self.flush_interval_s <= 0:
             raise ConfigError("[tenancy] refresh_interval_s and flush_interval_s must be > 0")
+        if not 0.5 <= self.db_timeout_s <= 600:
+            raise ConfigError(f"[tenancy] db_timeout_s must be within 0.5-600 s, got {self.db_timeout_s}")
 
 
 def data_dir() -> Path:
@@ -261,21 +270,12 @@ def default_threads() -> int:
     """Cores this process may run on (respects CPU affinity, unlike ``os.cpu_count``)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
-    # Client-side deadline of one database call (a ledger batch, a refresh, an admin change): a
-    # database that accepts packets but never answers (a partition behind a proxy) fails the call
-    # after this long instead of hanging it; the ledger spools and retries. 0.5-600 s.
-    db_timeout_s: float = 5.0
-    # Append each usage record to a local journal before the response (survives SIGKILL; see
-    # polyray.tenancy.journal for the measured cost). Off: a hard kill may lose the last flush interval.
-    journal: bool = True
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
 
 
 def _check_type(value: Any, annotation: Any) -> bool:
     """TOML gives int, float, str, bool: check them against the field's annotation."""
-        if not 0.5 <= self.db_timeout_s <= 600:
-            raise ConfigError(f"[tenancy] db_timeout_s must be within 0.5-600 s, got {self.db_timeout_s}")
     allowed = getattr(annotation, "__args__", (annotation,))
     for kind in allowed:
         if kind is type(None) and value is None:
