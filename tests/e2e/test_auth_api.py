@@ -408,6 +408,8 @@ INVALID_CREATE = [
     pytest.param({"name": "Has Spaces"}, "name", id="bad-name"),
     pytest.param({"name": "a" * 64}, "name", id="long-name"),
     pytest.param({"name": "alice\n"}, "name", id="trailing-newline"),
+    pytest.param({"name": "x", "share": 1e308}, "share", id="share-overflows-the-weight"),
+    pytest.param({"name": "x", "tokens_per_s": 1.7e308}, "tokens_per_s", id="rate-near-float-max"),
     pytest.param({"name": "alice\r\n"}, "name", id="trailing-crlf"),
     pytest.param([{"name": "x"}], None, id="array-body"),
 ]

@@ -209,6 +209,16 @@ PUBLIC: list[dict[str, list[str]]] = []
 OPTIONAL_AUTH: list[dict[str, list[str]]] = [{}, {BEARER: []}]
 
 
+def _drop_null(schema: dict[str, Any]) -> None:
+    """``anyOf: [X, null]`` (FastAPI's rendering of ``X | None``) becomes ``X`` in place."""
+    options = schema.get("anyOf")
+    if isinstance(options, list):
+        kept = [o for o in options if o != {"type": "null"}]
+        if len(kept) == 1:
+            del schema["anyOf"]
+            schema.update(kept[0])
+
+
 def install_openapi(app: FastAPI) -> None:
     """Replace FastAPI's generator with one that adds bodies, drops 422s and declares bearer auth."""
 
@@ -232,6 +242,8 @@ def install_openapi(app: FastAPI) -> None:
         schemas["ErrorBody"] = error_body
         for path in doc.get("paths", {}).values():
             for operation in path.values():
+                for parameter in operation.get("parameters", []):
+                    _drop_null(parameter["schema"])  # a query string cannot carry null: absent is None
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)  # validation errors are 400 here
                 # Any route refuses an unknown or repeated query parameter (api.body.strict_query).

@@ -16,19 +16,27 @@ from polyray.tenancy.store import KeyInfo
 NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN.pattern, "minLength": 1, "maxLength": 63}
 
 
+# Upper bounds far above anything a server serves (null is "unlimited"): a share of 1e308 times
+# the class weight overflows to inf (answered as null, and fair queueing divides by it), and
+# rates near the float limit overflow the token buckets' arithmetic. Found by schemathesis.
+MAX_RATE = 1e12
+MAX_CONCURRENT = 1_000_000
+MAX_SHARE = 1e6
+
+
 class QuotaFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    requests_per_s: float | None = Field(default=None, gt=0)
-    tokens_per_s: float | None = Field(default=None, gt=0)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    daily_compute_s: float | None = Field(default=None, gt=0)
+    requests_per_s: float | None = Field(default=None, gt=0, le=MAX_RATE)
+    tokens_per_s: float | None = Field(default=None, gt=0, le=MAX_RATE)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_CONCURRENT)
+    daily_compute_s: float | None = Field(default=None, gt=0, le=MAX_RATE)
 
 
 class CreateClient(QuotaFields):
     name: str = Field(json_schema_extra=NAME_SCHEMA)
     priority: PriorityClass = Field(default=PriorityClass.BATCH, strict=False)  # JSON sends the value as a string
-    share: float = Field(default=1.0, gt=0)
+    share: float = Field(default=1.0, gt=0, le=MAX_SHARE)
 
     def quota(self) -> Quota:
         return Quota(self.requests_per_s, self.tokens_per_s, self.max_concurrent, self.daily_compute_s)
@@ -38,7 +46,7 @@ class UpdateClient(QuotaFields):
     """Only the fields sent change; a quota sent as null becomes unlimited."""
 
     priority: PriorityClass | None = Field(default=None, strict=False)
-    share: float | None = Field(default=None, gt=0)
+    share: float | None = Field(default=None, gt=0, le=MAX_SHARE)
     disabled: bool | None = None
 
     def quota_over(self, current: Quota) -> Quota | None:
