@@ -37,6 +37,8 @@ Example (every key optional)::
     bootstrap = true           # empty database: create client "default" + an admin key, print them once
     refresh_interval_s = 2.0   # how soon changes made with `polyray clients` reach a running server
     flush_interval_s = 1.0     # usage ledger write interval
+    db_timeout_s = 5.0         # deadline of each database call; past it the ledger spools (0.5-600)
+    journal = true             # usage journal before each response: a SIGKILL loses no usage
 
     [cache]
     enabled = true

@@ -5,6 +5,7 @@ silence (a partition: sockets stay open, nothing is forwarded, nothing is refuse
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -257,7 +258,7 @@ class ServeProcess:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 payload = json.loads(resp.read())
                 compute_ms = float(resp.headers["X-Polyray-Compute-Ms"])
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # refused, reset, cut mid-answer
             return Received(num_failed=1)
         return Received(1, len(payload["data"]), int(payload["usage"]["prompt_tokens"]), compute_ms)
 

@@ -296,6 +296,9 @@ class UsageLedger:
             if rows:
                 batch = UsageBatch(closed[0] if closed is not None else str(uuid.uuid4()), tuple(rows))
                 self._pending.append(batch)
+                if not self.healthy:  # made in an outage: it waits in the spool
+                    self._missed.add(batch.batch_id)
+                    self.num_spooled_batches += 1
                 await asyncio.to_thread(self.spool.append, [batch])
             if closed is not None and self.journal is not None:
                 self.journal.discard(closed[1])  # fsynced in the spool now (or empty)

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from polyray.config import ConfigError, TenancyConfig, load_settings
 from polyray.tenancy.db import DatabaseTimeout, call_with_deadline, open_database
 from polyray.tenancy.journal import UsageJournal
 from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRecord, apply_batch
@@ -122,7 +123,7 @@ async def test_sigkill_after_the_records_loses_nothing_with_the_journal(tmp_path
         if with_journal:
             assert totals(engine) == expected(records(n))
             assert restarted.num_recovered_batches == 1
-            assert list(journal_dir(tmp_path / "usage-spool.jsonl").iterdir()) == []  # replayed, then removed
+            assert list(journal_dir(tmp_path / "usage-spool.jsonl").glob("*.jsonl")) == []  # replayed, then removed
         else:
             assert totals(engine) == (0, 0, 0, 0, 0)  # what the journal exists for: without it all was lost
     finally:
@@ -145,6 +146,7 @@ async def test_a_kill_between_spool_and_journal_cleanup_counts_once(db: Engine, 
     Spool(ledger.spool.path).append([batch])
     assert apply_batch(db, batch)
     assert segment.exists()
+    ledger.journal.abandon()  # the "kill"
 
     restarted = ledger_for(db, tmp_path)
     await restarted.start()
@@ -162,6 +164,7 @@ async def test_a_torn_journal_line_is_skipped_and_the_rest_recovered(db: Engine,
         journal.write(rec)
     with open(tmp_path / "j" / f"{journal.segment_id}.jsonl", "ab") as fh:
         fh.write(b'["alpha","minilm","1",17676')  # power lost mid-write
+    journal.abandon()
     found = UsageJournal(tmp_path / "j").open()
     assert len(found) == 1  # the first process's one segment
     batches = {b.batch_id: b for b, _ in found}
@@ -180,7 +183,7 @@ async def test_clean_stop_leaves_no_journal_and_nothing_twice(db: Engine, tmp_pa
             await asyncio.sleep(0.06)  # let background flushes (and rotations) happen
     await ledger.stop()
     assert totals(db) == expected(recs)
-    assert list(journal_dir(ledger.spool.path).iterdir()) == []
+    assert list(journal_dir(ledger.spool.path).glob("*.jsonl")) == []
     again = ledger_for(db, tmp_path)
     await again.start()
     await again.stop()
@@ -253,7 +256,7 @@ async def test_database_spool_and_journal_are_private(tmp_path: Path) -> None:
                 assert _mode(Path(f"{home}/polyray.db-shm")) == 0o600
             assert _mode(home) == 0o700
             assert _mode(home / "polyray.db") == 0o600
-            segment = next(journal_dir(ledger.spool.path).iterdir())
+            segment = next(journal_dir(ledger.spool.path).glob("*.jsonl"))
             assert _mode(segment) == 0o600 and _mode(segment.parent) == 0o700
             with engine.begin() as conn:
                 conn.execute(sa.text("ALTER TABLE usage_minutes RENAME TO usage_away"))
@@ -272,3 +275,25 @@ async def test_database_spool_and_journal_are_private(tmp_path: Path) -> None:
         assert _mode(home / "polyray.db") == 0o600
     finally:
         os.umask(old_umask)
+
+
+def test_a_journal_in_use_by_a_live_server_is_refused(tmp_path: Path) -> None:
+    first = UsageJournal(tmp_path / "j")
+    first.open()
+    with pytest.raises(ConfigError, match="in use by another running server"):
+        UsageJournal(tmp_path / "j").open()
+    first.close()
+    second = UsageJournal(tmp_path / "j")
+    assert second.open() == []  # free again once the first let go (a killed process lets go too)
+    second.close()
+
+
+def test_db_timeout_is_bounded_and_the_keys_load_from_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="db_timeout_s"):
+        TenancyConfig(db_timeout_s=0.1)
+    with pytest.raises(ConfigError, match="db_timeout_s"):
+        TenancyConfig(db_timeout_s=601)
+    config = tmp_path / "polyray.toml"
+    config.write_text("[tenancy]\ndb_timeout_s = 2.5\njournal = false\n")
+    tenancy = load_settings(str(config)).tenancy
+    assert (tenancy.db_timeout_s, tenancy.journal) == (2.5, False)
