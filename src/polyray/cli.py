@@ -109,7 +109,7 @@ def _print_bootstrap(keys: BootstrapKeys | None, ready: Ready | None = None) -> 
         ]
     if keys is not None and ready is not None:
         lines += [
-            "Try it (paste into this shell):",
+            "Try it from another terminal (paste both lines):",
             "",
             f"  export POLYRAY_API_KEY={keys.client_key}",
             f'  curl -sS {ready.url}/v1/embeddings -H "Authorization: Bearer $POLYRAY_API_KEY" \\',

@@ -221,6 +221,9 @@ class ConnectionGuard:
         self.num_serving += _serving(new) - _serving(old)
         self.num_lingering += (new is Slot.LINGERING) - (old is Slot.LINGERING)
 
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing refused or timed out"
+
     def note(self, event: str) -> None:
         """Count an event (a timeout, a refusal ...) and log the counts at most every 10 s."""
         self.counts[event] = self.counts.get(event, 0) + 1
@@ -421,6 +424,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._arm(self.guard.limits.body_timeout_s, self._on_body_timeout)
             return
         self.guard.note("body_timeout")
+        if self.cycle is None or self.cycle.response_complete:  # answered already (say, 413): just close
+            self._set_slot(Slot.GONE)
+            self.transport.close()
+            return
         self._reject(
             HTTPStatus.REQUEST_TIMEOUT,
             ErrorKind.INVALID_REQUEST,
@@ -552,9 +559,11 @@ class PolyrayServer(uvicorn.Server):
         shutdown_timeout_s: float,
         on_ready: Callable[[], None],
         on_abort: Callable[[], None],
+        guard: ConnectionGuard | None = None,
     ) -> None:
         super().__init__(config)
         self.drain = drain
+        self.guard = guard
         self.shutdown_timeout_s = shutdown_timeout_s
         self.on_ready = on_ready
         self.on_abort = on_abort
@@ -612,6 +621,8 @@ class PolyrayServer(uvicorn.Server):
             for task in list(state.tasks):
                 task.cancel()
         await self._stop_lifespan()
+        if self.guard is not None:
+            log.info("connections over this run: %s", self.guard.summary())
 
     async def _stop_lifespan(self) -> None:
         """Stop the engine and flush the ledger; after a second signal, for FORCED_SHUTDOWN_S at most."""
@@ -711,20 +722,26 @@ def serve(
             limits.max_head_bytes,
             limits.max_headers,
         )
+        guard = ConnectionGuard(limits)
         config = uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level=log_level,
             access_log=False,
-            http=protocol_class(ConnectionGuard(limits)),
+            http=protocol_class(guard),
             ws="none",
             lifespan="on",
             timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_s)),  # unused: the protocol times out
         )
-        server = PolyrayServer(config, drain, settings.server.shutdown_timeout_s, ready, abort)
+        server = PolyrayServer(config, drain, settings.server.shutdown_timeout_s, ready, abort, guard)
         log.info("starting %s on %s", ", ".join(str(m.ref) for m in engine.models()), display_url(host, port))
         server.run()
     finally:
         abort()
+    if server.exit_code == EXIT_FORCED:
+        # A second signal asked for an exit now: worker threads still busy (a batch computing, a
+        # database call waiting on its timeout) would hold the interpreter's exit, so skip it.
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
     return server.exit_code
