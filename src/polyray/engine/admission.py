@@ -146,7 +146,7 @@ class ServiceCost:
         overhead_s, s_per_token = self.line()
         if s_per_token <= 0:
             return min_tokens
-        return max(min_tokens, int((budget_s - overhead_s) / s_per_token))
+        return max(min_tokens, math.floor((budget_s - overhead_s) / s_per_token + 1e-9))  # 1e-9: float noise
 
 
 @dataclass(frozen=True)
