@@ -6,7 +6,7 @@ bootstrap client key and admin key) serves ``/openapi.json``; schemathesis reads
 drives every operation with generated valid and invalid requests. Bounded: a few examples per
 operation, drawn deterministically (the same cases on every run), so the whole run takes seconds.
 Admin routes are called with the admin key, the others with the client key; ``ignored_auth``
-also calls each one without a key and expects 401.
+and the cases without a key expect 401.
 """
 
 from __future__ import annotations
@@ -100,7 +100,11 @@ def test_api_matches_its_document(case: Case, server: tuple[str, str, str]) -> N
     excluded = []
     if case.path in OVERLAPPING_PATHS:
         excluded.append(allow_header_conformance)
-    case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, timeout=30, excluded_checks=excluded)
+    # The generator writes a made-up bearer header where the document asks for one and leaves it
+    # out in cases that test a missing key: a real key replaces the made-up one, never fills the gap.
+    has_auth = any(name.lower() == "authorization" for name in case.headers or {})
+    auth = {"Authorization": f"Bearer {key}"} if has_auth else None
+    case.call_and_validate(headers=auth, timeout=30, excluded_checks=excluded)
 
 
 def test_document_describes_bodies_errors_and_auth(server: tuple[str, str, str]) -> None:

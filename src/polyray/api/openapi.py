@@ -30,7 +30,7 @@ _STATUS_TEXT = {
     405: "Method not allowed on this path",
     413: "The request body or an input is over the configured limit",
     429: "Over a quota or the client's share of the queue; retry after Retry-After seconds",
-    503: "Overloaded or shutting down; retry after Retry-After seconds",
+    503: "Overloaded, over the connection limit, or shutting down; retry after Retry-After seconds",
 }
 
 
@@ -235,7 +235,14 @@ def install_openapi(app: FastAPI) -> None:
         for probe in ("/healthz", "/readyz"):
             for operation in doc.get("paths", {}).get(probe, {}).values():
                 operation["security"] = PUBLIC  # probes carry no key
-                operation["responses"] = {"200": health, "503": {**health, "description": "Not ready"}}
+                not_ready = {"anyOf": [_HEALTH, {"$ref": "#/components/schemas/ErrorBody"}]}  # or over the limit
+                operation["responses"] = {
+                    "200": health,
+                    "503": {
+                        "description": "Not ready, or draining",
+                        "content": {"application/json": {"schema": not_ready}},
+                    },
+                }
         error_schema = {"$ref": "#/components/schemas/ErrorBody"}
         error_body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(error_body.pop("$defs", {}))
@@ -246,11 +253,16 @@ def install_openapi(app: FastAPI) -> None:
                     _drop_null(parameter["schema"])  # a query string cannot carry null: absent is None
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)  # validation errors are 400 here
-                # Any route refuses an unknown or repeated query parameter (api.body.strict_query).
-                responses.setdefault(
-                    "400",
-                    {"description": _STATUS_TEXT[400], "content": {"application/json": {"schema": error_schema}}},
-                )
+                # Any route refuses an unknown or repeated query parameter (api.body.strict_query),
+                # and polyray serve answers any request 503 beyond its connection limit.
+                for status in ("400", "503"):
+                    responses.setdefault(
+                        status,
+                        {
+                            "description": _STATUS_TEXT[int(status)],
+                            "content": {"application/json": {"schema": error_schema}},
+                        },
+                    )
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
         doc["components"]["securitySchemes"] = {
