@@ -20,9 +20,15 @@ before, during (peak) and after.
 Before the fix such connections were never closed, and 1,100 idle sockets exhausted a
 1,024-descriptor limit. PASS when the probe's p50 and p99 during the attack are within 2x of
 the quiet phases', every probe request and ``/healthz`` answered 200, the peak descriptor count
-stayed within the connection limit (plus lingering slots and the server's own), and within
-``idle_timeout_s + head_timeout_s + 10 s`` after the attack the descriptors are back to the quiet
-count (+10). Exit code 1 on FAIL.
+stayed within the connection limit (plus lingering slots, closes in passing and the server's
+own), and within ``idle_timeout_s + head_timeout_s + 10 s`` after the attack the descriptors are
+back to the quiet count (+10). Exit code 1 on FAIL.
+
+With ``--max-connections`` below the attacker's count (say 1024), every new connection displaces
+an idle one and the attacker reopens it at once: tens of thousands of accepts and closes per
+phase, whose CPU (both processes' is printed) shares the cores with the model. Every request is
+still answered; the latency ratio then depends on how much CPU is spare. Per-address connection
+limits belong in front of the server (load balancer, firewall).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from polyray.tenancy.model import PriorityClass
 
 TARGET_RATIO = 2.0
 RECLAIM_SLACK_FDS = 10
+# Displaced connections whose close is still pending when a sample is taken (a close completes on
+# the event loop's next iteration, and one iteration may accept many connections).
+CLOSING_SLACK_FDS = 32
 RAMP_CONNECTS_PER_S = 1000  # the attacker opens its connections at this rate (no SYN-backlog overflow)
 
 
@@ -241,7 +250,7 @@ async def run(args: argparse.Namespace) -> int:
     fds_peak = attacked.peak_fds
     p50_ratio = percentile(attack_ok, 50) / percentile(quiet_ok, 50)
     p99_ratio = percentile(attack_ok, 99) / percentile(quiet_ok, 99)
-    fd_bound = fds_quiet + limit + lingering_slots(limit)
+    fd_bound = fds_quiet + limit + lingering_slots(limit) + CLOSING_SLACK_FDS
     all_probe = quiet.probe.answers + attacked.probe.answers + after.probe.answers
     all_health = quiet.health.answers + attacked.health.answers + after.health.answers
     checks = {
@@ -249,7 +258,7 @@ async def run(args: argparse.Namespace) -> int:
         f"attack p99 within {TARGET_RATIO}x quiet (ratio {p99_ratio:.2f})": p99_ratio <= TARGET_RATIO,
         "every probe request answered 200": all(a.status == 200 for a in all_probe),
         "every /healthz answered 200": all(a.status == 200 for a in all_health),
-        f"peak descriptors {fds_peak} <= {fd_bound} (quiet {fds_quiet} + limit {limit} + lingering)": fds_peak
+        f"peak descriptors {fds_peak} <= {fd_bound} (quiet {fds_quiet} + limit {limit} + lingering + {CLOSING_SLACK_FDS} closing)": fds_peak
         <= fd_bound,
         f"descriptors back to {fds_after} <= {fds_quiet} + {RECLAIM_SLACK_FDS} "
         f"within {reclaim_within_s:.0f} s (took {reclaim_s:.1f} s)": fds_after <= fds_quiet + RECLAIM_SLACK_FDS,
