@@ -49,7 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from polyray.backends.base import Backend
-from polyray.engine.admission import AdmissionPolicy, ServiceCost, Waiting, admit
+from polyray.engine.admission import AdmissionPolicy, RefusedDemand, ServiceCost, Waiting, admit
 from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, should_wait
 from polyray.engine.observer import EngineObserver
@@ -144,6 +144,7 @@ class ModelRunner:
         self.cost = ServiceCost()  # the measured cost line (admission, the interactive cap)
         self._running_tokens = 0
         self._running_started_s = 0.0
+        self._refused = RefusedDemand()  # spreads the Retry-After of refusals close together
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -250,9 +251,12 @@ class ModelRunner:
         verdict = admit(waiting, self.cost, self.policy.budget_tokens, self.admission)
         if verdict.admit:
             return
+        request_s = self.cost.drain_s(waiting.request_tokens, self.policy.budget_tokens)
+        self._refused, retry_after_s = self._refused.refuse(now_s, verdict.retry_after_s, request_s)
+        verdict = replace(verdict, retry_after_s=retry_after_s)
         if verdict.kind == "rate_limited":
-            raise RateLimited(verdict.message(), code=verdict.code, retry_after_s=verdict.retry_after_s)
-        raise Overloaded(verdict.message(), code=verdict.code, retry_after_s=verdict.retry_after_s)
+            raise RateLimited(verdict.message(), code=verdict.code, retry_after_s=retry_after_s)
+        raise Overloaded(verdict.message(), code=verdict.code, retry_after_s=retry_after_s)
 
     async def stop(self) -> None:
         """Stop accepting, finish what was accepted, then release the worker."""

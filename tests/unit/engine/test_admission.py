@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from polyray.engine.admission import MIN_RETRY_AFTER_S, AdmissionPolicy, ServiceCost, Waiting, admit
+from polyray.engine.admission import MIN_RETRY_AFTER_S, AdmissionPolicy, RefusedDemand, ServiceCost, Waiting, admit
 from polyray.engine.scheduler import FairQueue
 
 BUDGET = 512
@@ -204,3 +205,39 @@ def test_per_client_tokens_follow_takes_and_removals(pushes: list[tuple[str, int
         assert queue.tokens_waiting(client) == sum(t.cost_tokens for t in left if t.client == client)
     assume(not left)
     assert queue.work_ahead("a") == 0.0
+
+
+# -- spreading the refused demand ------------------------------------------------------------------
+
+
+@given(
+    refusals=st.lists(
+        st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 2.0), st.floats(0.0, 0.3)),  # (gap_s, retry_s, work_s)
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_refusals_are_told_to_come_back_after_the_work_refused_before_them(
+    refusals: list[tuple[float, float, float]],
+) -> None:
+    demand = RefusedDemand()
+    now_s = 100.0
+    pending_s = 0.0  # the fluid model, computed directly
+    for gap_s, retry_s, work_s in refusals:
+        now_s += gap_s
+        pending_s = max(0.0, pending_s - gap_s)
+        demand, told_s = demand.refuse(now_s, retry_s, work_s)
+        assert told_s == pytest.approx(retry_s + pending_s)
+        assert told_s >= retry_s
+        pending_s += work_s
+    assert demand.pending_at(now_s + pending_s + 1e-9) == 0.0  # drained once the work could be done
+
+
+def test_a_burst_of_refusals_is_spread_over_the_time_its_work_takes() -> None:
+    demand = RefusedDemand()
+    told = []
+    for _ in range(64):  # 64 refusals at one instant, 40 ms of work each
+        demand, retry_s = demand.refuse(5.0, 0.05, 0.040)
+        told.append(retry_s)
+    assert told[0] == pytest.approx(0.05) and told[-1] == pytest.approx(0.05 + 63 * 0.040)
+    assert all(b - a == pytest.approx(0.040) for a, b in itertools.pairwise(told))

@@ -147,6 +147,9 @@ async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with
     assert refused.value.retry_after_s == pytest.approx(0.085)  # 185 ms - 100 ms
     assert "expected wait 185 ms" in refused.value.message
     assert len(runner.queue) == 29  # nothing of the refused request was queued
+    with pytest.raises(Overloaded) as again:  # refused at the same instant: after the first one's 10 ms
+        await engine.embed(EmbedRequest("minilm", tuple(texts("a3", 1, 10)), client="a"))
+    assert again.value.retry_after_s == pytest.approx(0.085 + 0.010)
     backend.gate.set()
     for task in (blocker, a, b):
         await task  # everything admitted is served
