@@ -10,6 +10,10 @@ admitted requests waited 45 s behind one client's 4,096 queued texts while its 4
 and refused when ``expected_wait_s > allowed_wait_s``. ``drain_s`` comes from ``ServiceCost``, a
 line ``compute_s = overhead_s + s_per_token × tokens`` per forward pass fitted to recently served
 batches (seeded with the start-up budget fit), so the estimate follows the machine as it is now.
+Compute time is not all of a wait: under load the event loop's HTTP work takes the same cores,
+batches form between passes, newcomers go ahead in fair order. ``WaitCalibration`` therefore
+compares each admitted request's predicted wait with the wait it then had, and scales the
+prediction by the measured ratio (measured 2-3x at 4x overload on 2 cores).
 A client whose *own* backlog (in seconds of compute) would exceed its share of the bound, while it
 already has work queued, is refused with 429 ``fair_share_queue`` instead: it is the one
 overloading the queue, and the others keep their room. Retry-After is computed from the same
@@ -197,23 +201,26 @@ class Verdict:
         )
 
 
-def admit(waiting: Waiting, cost: ServiceCost, budget_tokens: int, policy: AdmissionPolicy) -> Verdict:
+def admit(
+    waiting: Waiting, cost: ServiceCost, budget_tokens: int, policy: AdmissionPolicy, factor: float = 1.0
+) -> Verdict:
     """Admit or refuse one request (see the module docstring). Pure.
 
     Order: the client's own share first (429: it is the one filling the queue), then the expected
     wait against min(deadline, class bound) (503). Retry-After is when the work ahead will have
-    drained enough for this request to fit, never less than ``MIN_RETRY_AFTER_S``.
+    drained enough for this request to fit, never less than ``MIN_RETRY_AFTER_S``. ``factor``
+    (``WaitCalibration.factor``) scales compute time into waiting time.
     """
     bound_s = policy.bound_s(waiting.interactive)
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
     if not cost.known:
         return Verdict(True, 0.0, allowed_s)
-    client_s = cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, budget_tokens)
+    client_s = factor * cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, budget_tokens)
     share_s = policy.max_client_queue_fraction * bound_s
     if waiting.client_backlog_tokens > 0 and client_s > share_s:
         retry_s = client_s - share_s
         return Verdict(False, client_s, share_s, "rate_limited", "fair_share_queue", max(MIN_RETRY_AFTER_S, retry_s))
-    expected_s = waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, budget_tokens)
+    expected_s = factor * (waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, budget_tokens))
     if expected_s <= allowed_s:
         return Verdict(True, expected_s, allowed_s)
     code = "deadline_unmeetable" if waiting.deadline_left_s < bound_s else "queue_full"
@@ -240,3 +247,36 @@ class RefusedDemand:
         """(next state, the Retry-After to send): ``retry_after_s`` pushed back by the pending work."""
         pending_s = self.pending_at(now_s)
         return RefusedDemand(pending_s + max(0.0, request_s), now_s), retry_after_s + pending_s
+
+
+@dataclass(frozen=True)
+class WaitCalibration:
+    """Measured wait / predicted wait of admitted requests, exponentially weighted (ratio of sums).
+
+    Only predictions of at least ``min_predicted_s`` count: below it the "wait" is the batcher's
+    own timing, not queueing. The factor is clamped to ``[min_factor, max_factor]`` so one odd
+    stretch cannot shut admission (or open it) entirely. Immutable: ``observe`` returns the next.
+    """
+
+    halflife: float = 64.0
+    min_predicted_s: float = 0.005
+    min_factor: float = 0.5
+    max_factor: float = 8.0
+    sum_predicted_s: float = 0.0
+    sum_actual_s: float = 0.0
+
+    def observe(self, predicted_s: float, actual_s: float) -> WaitCalibration:
+        if predicted_s < self.min_predicted_s or actual_s < 0:
+            return self
+        keep = 0.5 ** (1.0 / self.halflife)
+        return replace(
+            self,
+            sum_predicted_s=self.sum_predicted_s * keep + predicted_s,
+            sum_actual_s=self.sum_actual_s * keep + actual_s,
+        )
+
+    @property
+    def factor(self) -> float:
+        if self.sum_predicted_s <= 0:
+            return 1.0
+        return min(self.max_factor, max(self.min_factor, self.sum_actual_s / self.sum_predicted_s))

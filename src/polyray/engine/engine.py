@@ -215,6 +215,13 @@ class Engine:
         interactive: bool,
         ticket: Ticket,
     ) -> EmbedResult:
+        deadline_s = (
+            request.deadline_s if request.deadline_s is not None else self.clock() + self.server.request_timeout_s
+        )
+        # A refusal the queue alone decides costs no tokenizing (about a character per token / 4).
+        max_tokens = runner.backend.max_seq_tokens
+        estimated_tokens = sum(min(max_tokens, len(text) // 4 + 2) for text in request.texts)
+        runner.precheck(client_name, interactive, deadline_s, estimated_tokens)
         started_ns = time.perf_counter_ns()
         tokenized = await self._tokenize(runner.backend, request.texts)
         tokenize_ns = time.perf_counter_ns() - started_ns
@@ -231,7 +238,6 @@ class Engine:
                 code="context_length_exceeded",
             )
         now_s = self.clock()
-        deadline_s = request.deadline_s if request.deadline_s is not None else now_s + self.server.request_timeout_s
         vectors: list[np.ndarray | None] = [None] * len(tokenized)
         keys: list[bytes | None] = [None] * len(tokenized)
         if self.cache is not None:

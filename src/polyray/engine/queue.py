@@ -45,6 +45,9 @@ class Entry:
     key: bytes | None = None
     sharers: list[str] = field(default_factory=list)
     num_waiters: int = 1
+    # Admission's predicted wait for this entry's request (None: not predicted); the runner compares
+    # it with the wait it had (``admission.WaitCalibration``).
+    predicted_wait_s: float | None = None
 
     @property
     def num_tokens(self) -> int:

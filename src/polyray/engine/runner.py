@@ -49,7 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from polyray.backends.base import Backend
-from polyray.engine.admission import AdmissionPolicy, RefusedDemand, ServiceCost, Waiting, admit
+from polyray.engine.admission import AdmissionPolicy, RefusedDemand, ServiceCost, WaitCalibration, Waiting, admit
 from polyray.engine.batcher import BatchPolicy, form_batch
 from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, should_wait
 from polyray.engine.observer import EngineObserver
@@ -145,6 +145,7 @@ class ModelRunner:
         self._running_tokens = 0
         self._running_started_s = 0.0
         self._refused = RefusedDemand()  # spreads the Retry-After of refusals close together
+        self.calibration = WaitCalibration()  # measured / predicted wait of admitted requests
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -226,32 +227,47 @@ class ModelRunner:
         if entries and entries[0].interactive:
             self._last_interactive_s = now_s  # refused or not, interactive traffic is present
         if entries and self.admission is not None:
-            self._admit(entries, now_s)
+            num_tokens = sum(e.num_tokens for e in entries)
+            deadline_s = min(e.deadline_s for e in entries)
+            first = entries[0]
+            predicted_s = self._admit(first.client, first.interactive, deadline_s, num_tokens, num_tokens, now_s)
+            for entry in entries:
+                entry.predicted_wait_s = predicted_s
         drain = functools.partial(self.cost.drain_s, budget_tokens=self.policy.budget_tokens)
         self.queue.push(entries, drain if self.cost.known else None)
         self._arrivals = self._arrivals.observe(now_s, len(entries))
         self.observer.on_queue_depth(self.ref, len(self.queue))
         self._wake.set()
 
-    def _admit(self, entries: list[Entry], now_s: float) -> None:
+    def precheck(self, client: str, interactive: bool, deadline_s: float, estimated_tokens: int) -> None:
+        """Refuse before tokenizing when the queue alone already rules a request out: under overload
+        most requests are refused, so a refusal must be cheap. The full check runs at ``submit``;
+        ``estimated_tokens`` only sizes the refused demand (``RefusedDemand``), never the verdict."""
+        if self.admission is not None and not self._closing:
+            self._admit(client, interactive, deadline_s, 0, estimated_tokens, self.clock())
+
+    def _admit(
+        self, client: str, interactive: bool, deadline_s: float, request_tokens: int, refused_tokens: int, now_s: float
+    ) -> float:
+        """Raise the refusal, or return the predicted wait (compute time, before calibration)."""
         assert self.admission is not None
-        first = entries[0]
         running_left_s = 0.0
         if self._running is not None and not self._running.done():
             predicted_s = self.cost.predict_s(self._running_tokens)
             running_left_s = max(0.0, predicted_s - (now_s - self._running_started_s))
         waiting = Waiting(
-            work_ahead_tokens=self.queue.work_ahead(first.client),
-            client_backlog_tokens=self.queue.tokens_waiting(first.client),
-            request_tokens=sum(e.num_tokens for e in entries),
+            work_ahead_tokens=self.queue.work_ahead(client),
+            client_backlog_tokens=self.queue.tokens_waiting(client),
+            request_tokens=request_tokens,
             running_left_s=running_left_s,
-            deadline_left_s=min(e.deadline_s for e in entries) - now_s,
-            interactive=first.interactive,
+            deadline_left_s=deadline_s - now_s,
+            interactive=interactive,
         )
-        verdict = admit(waiting, self.cost, self.policy.budget_tokens, self.admission)
+        factor = self.calibration.factor
+        verdict = admit(waiting, self.cost, self.policy.budget_tokens, self.admission, factor)
         if verdict.admit:
-            return
-        request_s = self.cost.drain_s(waiting.request_tokens, self.policy.budget_tokens)
+            return verdict.expected_wait_s / factor
+        request_s = factor * self.cost.drain_s(refused_tokens, self.policy.budget_tokens)
         self._refused, retry_after_s = self._refused.refuse(now_s, verdict.retry_after_s, request_s)
         verdict = replace(verdict, retry_after_s=retry_after_s)
         if verdict.kind == "rate_limited":
@@ -315,6 +331,9 @@ class ModelRunner:
                 if not batch:
                     continue
             started_s = self.clock()
+            for entry in batch:
+                if entry.predicted_wait_s is not None:
+                    self.calibration = self.calibration.observe(entry.predicted_wait_s, started_s - entry.enqueued_s)
             self._running_started_s = started_s
             self._running_tokens = sum(e.num_tokens for e in batch)
             batch_id = self._next_batch_id

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from polyray.engine.admission import MIN_RETRY_AFTER_S, AdmissionPolicy, RefusedDemand, ServiceCost, Waiting, admit
+from polyray.engine.admission import (
+    MIN_RETRY_AFTER_S,
+    AdmissionPolicy,
+    RefusedDemand,
+    ServiceCost,
+    WaitCalibration,
+    Waiting,
+    admit,
+)
 from polyray.engine.scheduler import FairQueue
 
 BUDGET = 512
@@ -241,3 +249,24 @@ def test_a_burst_of_refusals_is_spread_over_the_time_its_work_takes() -> None:
         told.append(retry_s)
     assert told[0] == pytest.approx(0.05) and told[-1] == pytest.approx(0.05 + 63 * 0.040)
     assert all(b - a == pytest.approx(0.040) for a, b in itertools.pairwise(told))
+
+
+# -- calibrating predicted waits ---------------------------------------------------------------------
+
+
+@given(ratio=st.floats(0.1, 20.0), predictions=st.lists(st.floats(0.005, 2.0), min_size=1, max_size=100))
+def test_the_calibration_factor_is_the_measured_ratio_within_its_clamp(ratio: float, predictions: list[float]) -> None:
+    calibration = WaitCalibration()
+    for predicted_s in predictions:
+        calibration = calibration.observe(predicted_s, ratio * predicted_s)
+    assert calibration.factor == pytest.approx(min(8.0, max(0.5, ratio)))
+
+
+def test_tiny_predictions_do_not_calibrate_and_a_factor_scales_the_verdict() -> None:
+    assert WaitCalibration().observe(0.001, 5.0).factor == 1.0
+    cost = frozen(0.0, 1e-4)
+    waiting = Waiting(600.0, 0.0, 10.0, 0.0, 60.0, True)  # 60 ms of compute ahead
+    policy = AdmissionPolicy(interactive_max_queue_ms=100.0)
+    assert admit(waiting, cost, BUDGET, policy, factor=1.0).admit
+    slow = admit(waiting, cost, BUDGET, policy, factor=2.0)  # the waits measured twice the compute
+    assert not slow.admit and slow.expected_wait_s == pytest.approx(0.120)

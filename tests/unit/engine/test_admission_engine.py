@@ -141,15 +141,19 @@ async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with
     await queued(engine, a, 29)
     # a's next text starts after a's 90 tokens; b's first 90 tokens start before it (fair order):
     # expected wait = 5 ms (running) + (90 + 90) ms = 185 ms > 100 ms.
+    inline_before = engine.num_inline_tokenized
     with pytest.raises(Overloaded) as refused:
         await engine.embed(EmbedRequest("minilm", tuple(texts("a2", 1, 10)), client="a"))
+    assert engine.num_inline_tokenized == inline_before  # refused before tokenizing: the queue decided
     assert refused.value.code == "queue_full"
     assert refused.value.retry_after_s == pytest.approx(0.085)  # 185 ms - 100 ms
     assert "expected wait 185 ms" in refused.value.message
     assert len(runner.queue) == 29  # nothing of the refused request was queued
-    with pytest.raises(Overloaded) as again:  # refused at the same instant: after the first one's 10 ms
+    with pytest.raises(Overloaded) as again:  # refused at the same instant: after the first one's work
         await engine.embed(EmbedRequest("minilm", tuple(texts("a3", 1, 10)), client="a"))
-    assert again.value.retry_after_s == pytest.approx(0.085 + 0.010)
+    # Refused before tokenizing: the first request's work is estimated at a token per 4 characters.
+    first_ms = len(texts("a2", 1, 10)[0]) // 4 + 2
+    assert again.value.retry_after_s == pytest.approx(0.085 + first_ms / 1000)
     backend.gate.set()
     for task in (blocker, a, b):
         await task  # everything admitted is served
