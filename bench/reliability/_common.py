@@ -37,6 +37,8 @@ class Answer:
     sent_at_s: float  # from the start of the phase
     retry_after: str | None = None
     body: bytes = b""
+    queue_ms: float = float("nan")  # the server's own account (X-Polyray-Queue-Ms), when it computed
+    inference_ms: float = float("nan")
 
 
 @dataclass
@@ -140,7 +142,13 @@ class Connections:
                 self._idle.append(conn)
             retry = headers.get(b"retry-after")
             return Answer(
-                status, took_s, started - phase_start_s, retry.decode() if retry is not None else None, payload
+                status,
+                took_s,
+                started - phase_start_s,
+                retry.decode() if retry is not None else None,
+                payload,
+                float(headers.get(b"x-polyray-queue-ms", b"nan")),
+                float(headers.get(b"x-polyray-inference-ms", b"nan")),
             )
         return Answer(0, time.perf_counter() - started, started - phase_start_s)
 
@@ -156,6 +164,18 @@ class Record:
 
     def ok_ms(self) -> list[float]:
         return [a.latency_s * 1000 for a in self.answers if a.status == 200]
+
+    def server_ms(self) -> str:
+        """The server's account of the answered requests: where their time went (p50 / p99)."""
+        ok = [a for a in self.answers if a.status == 200]
+        queue = [a.queue_ms for a in ok]
+        inference = [a.inference_ms for a in ok]
+        rest = [a.latency_s * 1000 - a.queue_ms - a.inference_ms for a in ok]
+        return (
+            f"queue {percentile(queue, 50):.1f}/{percentile(queue, 99):.1f} ms, "
+            f"inference {percentile(inference, 50):.1f}/{percentile(inference, 99):.1f} ms, "
+            f"rest (HTTP, tokenizing) {percentile(rest, 50):.1f}/{percentile(rest, 99):.1f} ms"
+        )
 
     def refused(self) -> list[Answer]:
         return [a for a in self.answers if a.status in (429, 503)]
