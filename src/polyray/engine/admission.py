@@ -162,7 +162,7 @@ class ServiceCost:
 class Waiting:
     """What the runner knows when a request arrives, in tokens and seconds."""
 
-    work_ahead_tokens: float  # queued work served before this request's entries (fair order)
+    work_ahead_tokens: float  # queued work served before this request's last entry (fair order)
     client_backlog_tokens: float  # this client's own queued work (part of ``work_ahead_tokens``)
     request_tokens: float  # the work this request adds
     running_left_s: float  # expected rest of the forward pass in progress (0 when idle)
@@ -240,6 +240,9 @@ class RefusedDemand:
 
     pending_s: float = 0.0
     at_s: float = float("-inf")
+    # Callers that retry before their Retry-After are refused again and would count twice: the
+    # spread never exceeds this, so an impatient crowd cannot push well-behaved callers out for minutes.
+    max_pending_s: float = 5.0
 
     def pending_at(self, now_s: float) -> float:
         return max(0.0, self.pending_s - max(0.0, now_s - self.at_s))
@@ -247,7 +250,8 @@ class RefusedDemand:
     def refuse(self, now_s: float, retry_after_s: float, request_s: float) -> tuple[RefusedDemand, float]:
         """(next state, the Retry-After to send): ``retry_after_s`` pushed back by the pending work."""
         pending_s = self.pending_at(now_s)
-        return RefusedDemand(pending_s + max(0.0, request_s), now_s), retry_after_s + pending_s
+        grown = min(self.max_pending_s, pending_s + max(0.0, request_s))
+        return replace(self, pending_s=grown, at_s=now_s), retry_after_s + pending_s
 
 
 @dataclass(frozen=True)

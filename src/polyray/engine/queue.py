@@ -45,9 +45,6 @@ class Entry:
     key: bytes | None = None
     sharers: list[str] = field(default_factory=list)
     num_waiters: int = 1
-    # Admission's predicted wait for this entry's request (None: not predicted); the runner compares
-    # it with the wait it had (``admission.WaitCalibration``).
-    predicted_wait_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -114,9 +111,10 @@ class EntryQueue:
             self._fair.push(entry.client, entry, entry.num_tokens, entry.weight)
             self.tokens += entry.num_tokens
 
-    def work_ahead(self, client: str) -> float:
-        """Queued tokens served before a request ``client`` pushes now (``FairQueue.work_ahead``)."""
-        return self._fair.work_ahead(client)
+    def work_ahead(self, client: str, cost_tokens: float = 0.0, weight: float = 1.0) -> float:
+        """Queued tokens served before the last entry of a request ``client`` pushes now
+        (``FairQueue.work_ahead``)."""
+        return self._fair.work_ahead(client, cost_tokens, weight)
 
     def tokens_waiting(self, client: str) -> int:
         return self._fair.tokens_waiting(client)

@@ -146,6 +146,7 @@ class ModelRunner:
         self._running_started_s = 0.0
         self._refused = RefusedDemand()  # spreads the Retry-After of refusals close together
         self.calibration = WaitCalibration()  # measured / predicted wait of admitted requests
+        self.last_predicted_wait_s: float | None = None  # of the request ``submit`` admitted last
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -230,9 +231,9 @@ class ModelRunner:
             num_tokens = sum(e.num_tokens for e in entries)
             deadline_s = min(e.deadline_s for e in entries)
             first = entries[0]
-            predicted_s = self._admit(first.client, first.interactive, deadline_s, num_tokens, num_tokens, now_s)
-            for entry in entries:
-                entry.predicted_wait_s = predicted_s
+            self.last_predicted_wait_s = self._admit(
+                first.client, first.weight, first.interactive, deadline_s, num_tokens, num_tokens, now_s
+            )
         drain = functools.partial(self.cost.drain_s, budget_tokens=self.policy.budget_tokens)
         self.queue.push(entries, drain if self.cost.known else None)
         self._arrivals = self._arrivals.observe(now_s, len(entries))
@@ -244,10 +245,22 @@ class ModelRunner:
         most requests are refused, so a refusal must be cheap. The full check runs at ``submit``;
         ``estimated_tokens`` only sizes the refused demand (``RefusedDemand``), never the verdict."""
         if self.admission is not None and not self._closing:
-            self._admit(client, interactive, deadline_s, 0, estimated_tokens, self.clock())
+            self._admit(client, 1.0, interactive, deadline_s, 0, estimated_tokens, self.clock())
+
+    def observe_wait(self, predicted_s: float, waited_s: float) -> None:
+        """A request admitted with ``predicted_s`` (``last_predicted_wait_s``) waited ``waited_s``
+        for its last entry to start computing (its ``queue_ms``): calibrate the predictions."""
+        self.calibration = self.calibration.observe(predicted_s, waited_s)
 
     def _admit(
-        self, client: str, interactive: bool, deadline_s: float, request_tokens: int, refused_tokens: int, now_s: float
+        self,
+        client: str,
+        weight: float,
+        interactive: bool,
+        deadline_s: float,
+        request_tokens: int,
+        refused_tokens: int,
+        now_s: float,
     ) -> float:
         """Raise the refusal, or return the predicted wait (compute time, before calibration)."""
         assert self.admission is not None
@@ -256,7 +269,7 @@ class ModelRunner:
             predicted_s = self.cost.predict_s(self._running_tokens)
             running_left_s = max(0.0, predicted_s - (now_s - self._running_started_s))
         waiting = Waiting(
-            work_ahead_tokens=self.queue.work_ahead(client),
+            work_ahead_tokens=self.queue.work_ahead(client, request_tokens, weight),
             client_backlog_tokens=self.queue.tokens_waiting(client),
             request_tokens=request_tokens,
             running_left_s=running_left_s,
@@ -331,9 +344,6 @@ class ModelRunner:
                 if not batch:
                     continue
             started_s = self.clock()
-            for entry in batch:
-                if entry.predicted_wait_s is not None:
-                    self.calibration = self.calibration.observe(entry.predicted_wait_s, started_s - entry.enqueued_s)
             self._running_started_s = started_s
             self._running_tokens = sum(e.num_tokens for e in batch)
             batch_id = self._next_batch_id

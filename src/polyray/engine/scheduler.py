@@ -66,17 +66,19 @@ class FairQueue(Generic[T]):
     def tokens_waiting(self, client: str) -> int:
         return self._client_tokens.get(client, 0)
 
-    def work_ahead(self, client: str) -> float:
-        """Queued cost served before an item ``client`` would push now, in SFQ order. O(clients).
+    def work_ahead(self, client: str, cost_tokens: float = 0.0, weight: float = 1.0) -> float:
+        """Queued cost served before the *last* of ``cost_tokens`` of items ``client`` would push now
+        (at ``weight``), in SFQ order. O(clients). With ``cost_tokens = 0``: before its first item.
 
-        The new item's start tag is ``S = max(virtual, last_finish[client])``: all of the client's
-        own queued items are ahead of it, and of another client ``c`` the items whose start tags lie
-        below ``S``. ``c``'s items are tagged back to back, each advancing its tag by cost / weight,
+        The new items start at ``S = max(virtual, last_finish[client])`` and the last of them near
+        ``S + cost_tokens / weight``: all of the client's own queued items are ahead of it, and of
+        another client ``c`` the items whose start tags lie below that. A request's own items
+        interleave with the others' in fair order, so this is what delays its completion. ``c``'s items are tagged back to back, each advancing its tag by cost / weight,
         so its queued items start near ``head_c = last_finish[c] - backlog_c / weight_c`` and
         ``weight_c × (S - head_c)`` of its cost is ahead (at most all of it). An estimate: items
         taken out of order by the batcher's window or promoted by dedup shift it by a few items.
         """
-        start = max(self.virtual, self._last_finish.get(client, 0.0))
+        start = max(self.virtual, self._last_finish.get(client, 0.0)) + cost_tokens / weight
         ahead = 0.0
         for other, backlog in self._client_tokens.items():
             if other == client:
