@@ -57,7 +57,7 @@ Example (every key optional)::
     max_client_queue_fraction = 0.5    # one client's share of the queue (texts) before 429
 
     [admission]                        # refuse at once what is expected to wait longer than this
-    interactive_max_queue_ms = 50.0    # expected wait before compute, interactive clients
+    interactive_max_queue_ms = 100.0   # expected wait before compute, interactive clients
     batch_max_queue_ms = 100.0         # ... batch-class clients (a request's deadline may lower both)
     max_client_queue_fraction = 0.5    # one client's queued work, as a fraction of its bound, before 429
 
