@@ -44,15 +44,16 @@ class AdmissionPolicy:
     An admitted request's latency is about its wait plus its own service, so "admitted p99 within
     2x of unloaded" holds when the bound is at most the unloaded latency. Measured with
     bench/reliability/overload.py on this project's 2-core CPU (torch MiniLM): an unloaded request
-    of 16 sentences answers in ~140-270 ms p99 and one sentence in ~30 ms, so batch-class
-    requests (bulk, usually many texts) may wait 100 ms and interactive ones (usually a few
-    texts, latency-bound) 50 ms. Both are far from the tens of seconds an unbounded queue let
-    requests wait, and enough to keep the worker busy between a client's requests. A request's
-    deadline can only lower its bound. 0 admits a class only into an empty queue; a very large
+    of 16 sentences answers in ~140-270 ms p99, so both classes may wait 100 ms. Not less for
+    interactive clients: the forward pass in progress counts, and one 256-token text alone takes
+    ~40-60 ms here, so a smaller bound refused one-sentence requests that were next in line
+    (bench/reliability/flood.py, 50 ms: 156 of 645 refused). 100 ms is far from the tens of
+    seconds an unbounded queue let requests wait, and enough to keep the worker busy between a
+    client's requests. A request's deadline can only lower its bound. 0 admits a class only into an empty queue; a very large
     value turns time admission off for it.
     """
 
-    interactive_max_queue_ms: float = 50.0
+    interactive_max_queue_ms: float = 100.0
     batch_max_queue_ms: float = 100.0
     # A client may fill at most this fraction of its class bound with its own queued work while it
     # already has work queued (a client with nothing queued may always send one request).
@@ -210,7 +211,7 @@ def admit(
     Order: the client's own share first (429: it is the one filling the queue), then the expected
     wait against min(deadline, class bound) (503). Retry-After is when the work ahead will have
     drained enough for this request to fit, never less than ``MIN_RETRY_AFTER_S``. ``factor``
-    (``WaitCalibration.factor``) scales compute time into waiting time.
+    (``WaitCalibration.factor``) scales the queue's compute time into waiting time.
     """
     bound_s = policy.bound_s(waiting.interactive)
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
@@ -221,7 +222,8 @@ def admit(
     if waiting.client_backlog_tokens > 0 and client_s > share_s:
         retry_s = client_s - share_s
         return Verdict(False, client_s, share_s, "rate_limited", "fair_share_queue", max(MIN_RETRY_AFTER_S, retry_s))
-    expected_s = factor * (waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, budget_tokens))
+    # The pass in progress is measured compute already; the factor corrects the queue's drain.
+    expected_s = waiting.running_left_s + factor * cost.drain_s(waiting.work_ahead_tokens, budget_tokens)
     if expected_s <= allowed_s:
         return Verdict(True, expected_s, allowed_s)
     code = "deadline_unmeetable" if waiting.deadline_left_s < bound_s else "queue_full"

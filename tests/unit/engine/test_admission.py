@@ -59,7 +59,7 @@ def test_the_verdict_follows_from_the_estimate(
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
     own_s = cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, BUDGET)
     over_share = waiting.client_backlog_tokens > 0 and own_s > policy.max_client_queue_fraction * bound_s
-    expected_s = waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, BUDGET)
+    expected_s = waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, BUDGET)  # factor 1
     if over_share:
         assert (verdict.admit, verdict.kind, verdict.code) == (False, "rate_limited", "fair_share_queue")
         assert verdict.retry_after_s == pytest.approx(
