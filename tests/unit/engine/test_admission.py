@@ -199,6 +199,26 @@ def test_work_ahead_matches_the_queue_order_within_one_item_per_client(
     assert queue.tokens_waiting(newcomer) == sum(c for k, c in pushes if k == newcomer)
 
 
+@given(
+    pushes=st.lists(st.tuples(st.sampled_from("abcd"), st.integers(1, 300)), max_size=80),
+    newcomer=st.sampled_from("abcde"),
+    num_items=st.integers(1, 20),
+    item_cost=st.integers(1, 100),
+)
+def test_work_ahead_of_a_requests_last_item_matches_the_queue_order(
+    pushes: list[tuple[str, int]], newcomer: str, num_items: int, item_cost: int
+) -> None:
+    queue: FairQueue[int] = FairQueue()
+    for i, (client, cost) in enumerate(pushes):
+        queue.push(client, i, cost, 1.0)
+    estimate = queue.work_ahead(newcomer, num_items * item_cost, 1.0)
+    new = [queue.push(newcomer, -1 - k, item_cost, 1.0) for k in range(num_items)]
+    last = new[-1]
+    exact = sum(t.cost_tokens for t in queue if t.item >= 0 and (t.start, t.seq) < (last.start, last.seq))
+    slack = sum(item_cost + max((c for k, c in pushes if k == client), default=0) for client in "abcd")
+    assert exact - slack <= estimate <= exact + slack
+
+
 @given(pushes=st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 50)), min_size=1, max_size=40), data=st.data())
 def test_per_client_tokens_follow_takes_and_removals(pushes: list[tuple[str, int]], data: st.DataObject) -> None:
     queue: FairQueue[int] = FairQueue()
