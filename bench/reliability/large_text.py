@@ -16,7 +16,9 @@ Every text is cut to the model's 256 tokens, so *long* and *large* ask the model
 work; what *large* adds is the size (upload, JSON, tokenizing). Before the fix a 4 MB text froze
 every request and ``/healthz`` for up to 8 s (texts were tokenized whole on the event loop).
 PASS when the probe's p99 in *large* is within 2x of its p99 in *long* (the size costs nothing
-beyond the model's own work), every ``/healthz``, probe and large request answered 200. The probe
+beyond the model's own work), every ``/healthz`` and probe request answered 200, and every long
+or large request was served (200) or refused by admission with a Retry-After, which the big
+client then waits out as polyray's SDK does (it is batch class and its passes are long). The probe
 against *quiet* is printed too: there the difference is the compute of 256-token forward passes
 (which cannot be interrupted; the batch-class cap, ``[fairness] interactive_budget_ms``, bounds
 what an interactive request waits for them). Exit code 1 on FAIL.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 
 import orjson
@@ -88,7 +91,11 @@ async def run(phase_s: float, rounds: int) -> int:
             start = time.perf_counter()
             while not stop.is_set():
                 for body in pair:
-                    out.answers.append(await big.request(body, start))
+                    answer = await big.request(body, start)
+                    out.answers.append(answer)
+                    if answer.status in (429, 503) and answer.retry_after:  # as polyray's SDK does
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=float(answer.retry_after))
 
         for body in sentences[:20]:  # warm-up: the first requests allocate
             await probe.request(body, time.perf_counter())
@@ -109,7 +116,12 @@ async def run(phase_s: float, rounds: int) -> int:
     ratio = p99["large"] / p99["long"]
     health_ok = all(a.status == 200 for rec in healths.values() for a in rec.answers)
     probe_ok = all(a.status == 200 for rec in probes.values() for a in rec.answers)
-    big_ok = all(bigs[n].answers and all(a.status == 200 for a in bigs[n].answers) for n in sizes)
+    # Served, or refused by admission with a Retry-After (the big client is batch class); never an error.
+    big_ok = all(
+        any(a.status == 200 for a in bigs[n].answers)
+        and all(a.status == 200 or (a.status in (429, 503) and a.retry_after) for a in bigs[n].answers)
+        for n in sizes
+    )
     print(f"large-text bench: {rounds} rounds of {phase_s:g} s per phase ({', '.join(PHASES)})")
     for name in sizes:
         ms = [a.latency_s * 1000 for a in bigs[name].answers]
@@ -134,7 +146,7 @@ async def run(phase_s: float, rounds: int) -> int:
     print(f"probe p99 large / long = {ratio:.2f} (target <= {TARGET_RATIO}): {verdict(ratio <= TARGET_RATIO)}")
     print(
         f"every /healthz answered 200: {verdict(health_ok)}; every probe request 200: {verdict(probe_ok)}; "
-        f"every long and large request 200: {verdict(big_ok)}"
+        f"long and large requests served or refused with Retry-After: {verdict(big_ok)}"
     )
     passed = ratio <= TARGET_RATIO and health_ok and big_ok and probe_ok
     print(f"large_text: {verdict(passed)}")
