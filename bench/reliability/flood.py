@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import time
 
-import orjson
 from _common import Connections, Record, bodies, percentile, running_server, verdict
 
 from polyray.tenancy.model import PriorityClass
@@ -86,20 +85,14 @@ async def run(phase_s: float, rounds: int, flood_retry: str, extra_config: str) 
             await asyncio.gather(*senders)
             print(f"  round: flood served {flood_during * FLOOD_TEXTS / phase_s:.0f} texts/s while ui was measured")
             await asyncio.sleep(1.0)  # the queue drains
-        models = orjson.loads((await ui.request(b"", time.perf_counter(), "/v1/models")).body)
         ui.close()
 
     a_ms, f_ms = alone.ok_ms(), flooded.ok_ms()
     ratio = percentile(f_ms, 99) / percentile(a_ms, 99)
     ui_ok = all(a.status == 200 for a in alone.answers + flooded.answers)
-    batching = next(iter(models.get("data", [])), {}).get("batching") or {}
     print(
         f"flood bench: {rounds} rounds of {phase_s:g} s ui alone / ui + flood ({FLOOD_CONNECTIONS} connections x "
         f"{FLOOD_TEXTS} texts, batch class, retry: {flood_retry})"
-    )
-    print(
-        f"server batching: budget {batching.get('budget_tokens')} tokens, measured cost {batching.get('measured_cost')}, "
-        f"interactive cap {batching.get('interactive_cap_tokens')} tokens"
     )
     print(f"flood: {flood.statuses()} answers; served {sum(1 for a in flood.answers if a.status == 200)} requests")
     print(f"{'phase':<12} {'ui req':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  statuses")
