@@ -139,7 +139,7 @@ async def run(phase_s: float, rounds: int) -> int:
             f"{len(hz_ms):>8} {percentile(hz_ms, 99):>9.1f} {max(hz_ms, default=float('nan')):>9.1f}"
         )
     for name in PHASES:
-        print(f"probe, server side (p50/p99), {name}: {probes[name].server_ms()}")
+        print(f"probe, {name}: statuses {probes[name].statuses()}; server side (p50/p99) {probes[name].server_ms()}")
     print(
         f"probe p99 large / quiet = {p99['large'] / p99['quiet']:.2f}, long / quiet = {p99['long'] / p99['quiet']:.2f}"
     )

@@ -268,7 +268,7 @@ class WaitCalibration:
     halflife: float = 64.0
     min_predicted_s: float = 0.005
     min_factor: float = 0.5
-    max_factor: float = 8.0
+    max_factor: float = 4.0
     sum_predicted_s: float = 0.0
     sum_actual_s: float = 0.0
 

@@ -253,11 +253,11 @@ class Engine:
                 if key is not None:
                     vectors[i] = next(found)[0]
         num_cached = sum(v is not None for v in vectors)
-        runner.last_predicted_wait_s = None
+        runner.last_prediction = None
         waits = self._join_or_submit(
             ref, runner, tokenized, keys, vectors, now_s, deadline_s, client_name, weight, interactive
         )
-        predicted_wait_s = runner.last_predicted_wait_s  # set by submit when admission predicted it
+        prediction = runner.last_prediction  # set by submit when admission predicted the wait
         gathered = asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values()))
         # If this request gives up (cancelled, deadline, another entry failed), the gather ends with
         # the first error and nobody reads it: mark it read so asyncio does not log it.
@@ -274,8 +274,8 @@ class Engine:
                 if entry.num_waiters == 0 and not entry.future.done():
                     entry.future.cancel()
         results = dict(zip(waits, outcomes, strict=True))
-        if predicted_wait_s is not None and outcomes:
-            runner.observe_wait(predicted_wait_s, max(r.queue_ms for r in outcomes) / 1000.0)
+        if prediction is not None and outcomes:
+            runner.observe_wait(prediction, max(r.queue_ms for r in outcomes) / 1000.0)
         for i in range(len(tokenized)):
             if vectors[i] is None:
                 vectors[i] = results[self._wait_key(i, keys)].vector

@@ -146,7 +146,9 @@ class ModelRunner:
         self._running_started_s = 0.0
         self._refused = RefusedDemand()  # spreads the Retry-After of refusals close together
         self.calibration = WaitCalibration()  # measured / predicted wait of admitted requests
-        self.last_predicted_wait_s: float | None = None  # of the request ``submit`` admitted last
+        # Of the request ``submit`` admitted last: (queue drain in compute seconds, rest of the pass
+        # in progress); the engine reports the wait it then had (``observe_wait``).
+        self.last_prediction: tuple[float, float] | None = None
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -231,7 +233,7 @@ class ModelRunner:
             num_tokens = sum(e.num_tokens for e in entries)
             deadline_s = min(e.deadline_s for e in entries)
             first = entries[0]
-            self.last_predicted_wait_s = self._admit(
+            self.last_prediction = self._admit(
                 first.client, first.weight, first.interactive, deadline_s, num_tokens, num_tokens, now_s
             )
         drain = functools.partial(self.cost.drain_s, budget_tokens=self.policy.budget_tokens)
@@ -247,10 +249,12 @@ class ModelRunner:
         if self.admission is not None and not self._closing:
             self._admit(client, 1.0, interactive, deadline_s, 0, estimated_tokens, self.clock())
 
-    def observe_wait(self, predicted_s: float, waited_s: float) -> None:
-        """A request admitted with ``predicted_s`` (``last_predicted_wait_s``) waited ``waited_s``
-        for its last entry to start computing (its ``queue_ms``): calibrate the predictions."""
-        self.calibration = self.calibration.observe(predicted_s, waited_s)
+    def observe_wait(self, prediction: tuple[float, float], waited_s: float) -> None:
+        """A request admitted with ``prediction`` (``last_prediction``) waited ``waited_s`` for its
+        last entry to start computing (its ``queue_ms``): calibrate the queue-drain part only, so
+        a misjudged pass in progress cannot inflate the factor for everyone."""
+        drain_s, running_left_s = prediction
+        self.calibration = self.calibration.observe(drain_s, max(0.0, waited_s - running_left_s))
 
     def _admit(
         self,
@@ -261,8 +265,9 @@ class ModelRunner:
         request_tokens: int,
         refused_tokens: int,
         now_s: float,
-    ) -> float:
-        """Raise the refusal, or return the predicted wait (compute time, before calibration)."""
+    ) -> tuple[float, float]:
+        """Raise the refusal, or return the prediction: (queue drain in compute seconds, before
+        calibration; the rest of the pass in progress)."""
         assert self.admission is not None
         running_left_s = 0.0
         if self._running is not None and not self._running.done():
@@ -279,7 +284,7 @@ class ModelRunner:
         factor = self.calibration.factor
         verdict = admit(waiting, self.cost, self.policy.budget_tokens, self.admission, factor)
         if verdict.admit:
-            return verdict.expected_wait_s / factor
+            return self.cost.drain_s(waiting.work_ahead_tokens, self.policy.budget_tokens), running_left_s
         request_s = factor * self.cost.drain_s(refused_tokens, self.policy.budget_tokens)
         self._refused, retry_after_s = self._refused.refuse(now_s, verdict.retry_after_s, request_s)
         verdict = replace(verdict, retry_after_s=retry_after_s)

@@ -279,7 +279,7 @@ def test_the_calibration_factor_is_the_measured_ratio_within_its_clamp(ratio: fl
     calibration = WaitCalibration()
     for predicted_s in predictions:
         calibration = calibration.observe(predicted_s, ratio * predicted_s)
-    assert calibration.factor == pytest.approx(min(8.0, max(0.5, ratio)))
+    assert calibration.factor == pytest.approx(min(4.0, max(0.5, ratio)))
 
 
 def test_tiny_predictions_do_not_calibrate_and_a_factor_scales_the_verdict() -> None:
