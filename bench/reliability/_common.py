@@ -25,7 +25,7 @@ import orjson
 
 from polyray.benchmarks.corpus import make_corpus
 from polyray.benchmarks.server import free_port, start_server, stop_server
-from polyray.tenancy.db import open_database
+from polyray.db.connection import open_database
 from polyray.tenancy.model import PriorityClass
 from polyray.tenancy.store import ClientStore
 
@@ -70,7 +70,7 @@ def running_server(clients: dict[str, PriorityClass], extra_config: str = "") ->
     home = Path(tempfile.mkdtemp(prefix="polyray-reliability-"))
     store = ClientStore(open_database(f"sqlite:///{home}/polyray.db"))
     keys = {name: store.create_client(name, priority, 1.0)[1] for name, priority in clients.items()}
-    store.engine.dispose()
+    store.db.dispose()
     port = free_port()
     proc: subprocess.Popen[bytes] = start_server(home, server_config(home, extra_config), port)
     try:
