@@ -290,3 +290,24 @@ def test_tiny_predictions_do_not_calibrate_and_a_factor_scales_the_verdict() -> 
     assert admit(waiting, cost, BUDGET, policy, factor=1.0).admit
     slow = admit(waiting, cost, BUDGET, policy, factor=2.0)  # the waits measured twice the compute
     assert not slow.admit and slow.expected_wait_s == pytest.approx(0.120)
+
+
+def test_admission_and_the_ms_cap_are_configured_with_bounds() -> None:
+    from polyray.config import ConfigError, parse_settings
+
+    settings = parse_settings(
+        {
+            "admission": {"interactive_max_queue_ms": 80, "batch_max_queue_ms": 300.0},
+            "fairness": {"interactive_budget_ms": 20},
+        }
+    )
+    assert settings.admission == AdmissionPolicy(interactive_max_queue_ms=80.0, batch_max_queue_ms=300.0)
+    assert settings.fairness.interactive_budget_ms == 20
+    for bad in (
+        {"admission": {"batch_max_queue_ms": -1}},
+        {"admission": {"max_client_queue_fraction": 0}},
+        {"admission": {"queue_ms": 5}},
+        {"fairness": {"interactive_budget_ms": 0}},
+    ):
+        with pytest.raises(ConfigError):
+            parse_settings(bad)
