@@ -28,7 +28,7 @@ from pathlib import Path
 from common import Load, percentile
 from postgres_support import Received, ServeProcess, usage_sums
 
-from polyray.tenancy.db import open_database
+from polyray.db.connection import open_database
 from polyray.tenancy.journal import UsageJournal
 from polyray.tenancy.ledger import UsageLedger, UsageRecord
 

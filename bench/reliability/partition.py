@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from common import Load
 from postgres_support import ADMIN_URL, Forwarder, Received, ServeProcess, database_url, usage_sums
 
-from polyray.tenancy.db import open_database
+from polyray.db.connection import open_database
 
 
 def wait_until(cond: object, timeout_s: float) -> float | None:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from server_support import free_port
 
+from polyray.db.connection import open_database
 from polyray.errors import Forbidden, Unauthenticated
-from polyray.tenancy.db import open_database
 from polyray.tenancy.directory import ClientDirectory
 from polyray.tenancy.ledger import UsageBatch, UsageRow, apply_batch
 from polyray.tenancy.model import PriorityClass, Quota

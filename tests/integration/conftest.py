@@ -13,10 +13,9 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from postgres_support import ADMIN_URL, database_url
 from redis_support import REDIS_URL, PrivateRedis, free_port
-from sqlalchemy.engine import Engine
 
-from polyray.tenancy.db import open_database
-from polyray.tenancy.schema import metadata
+from polyray.db.connection import Database, open_database
+from polyray.db.schema import metadata
 
 
 @pytest.fixture
@@ -61,12 +60,12 @@ def database() -> Iterator[str]:
 
 
 @pytest.fixture
-def db(database: str) -> Iterator[Engine]:
+def db(database: str) -> Iterator[Database]:
     """The module's database, migrated, direct (not through a forwarder), emptied for each test
     (the heads' generation row included: the head store re-creates it)."""
-    engine = open_database(database_url(database))
-    with engine.begin() as conn:
+    db = open_database(database_url(database))
+    with db.begin() as conn:
         for table in reversed(metadata.sorted_tables):
             conn.execute(table.delete())
-    yield engine
-    engine.dispose()
+    yield db
+    db.dispose()

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
-from polyray.tenancy.schema import usage
+from polyray.db.connection import Database
+from polyray.db.schema import usage
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
@@ -287,9 +287,9 @@ class ServeProcess:
             self.proc.wait(timeout=10)
 
 
-def usage_sums(engine: Engine) -> Received:
+def usage_sums(db: Database) -> Received:
     """The ledger's totals, read from PostgreSQL directly."""
     cols = (usage.c.num_requests, usage.c.num_texts, usage.c.num_tokens, usage.c.compute_ns)
-    with engine.connect() as conn:
+    with db.connect() as conn:
         row = conn.execute(sa.select(*(sa.func.coalesce(sa.func.sum(c), 0) for c in cols))).one()
     return Received(int(row[0]), int(row[1]), int(row[2]), int(row[3]) / 1e6)

@@ -19,13 +19,12 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from postgres_support import database_url
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database, open_database, schema_version
+from polyray.db.schema import head_examples, head_shares, heads, metadata
 from polyray.errors import InvalidRequest, NotFound
 from polyray.heads.kinds import HeadKind, HeadParams, HeadStatus
 from polyray.heads.store import HeadStore
-from polyray.tenancy.db import open_database, schema_version
-from polyray.tenancy.schema import head_examples, head_shares, heads, metadata
 from polyray.types import ModelRef
 
 pytestmark = pytest.mark.integration
@@ -41,12 +40,12 @@ def url(database: str) -> str:
 
 
 @pytest.fixture
-def store(db: Engine) -> HeadStore:
+def store(db: Database) -> HeadStore:
     return HeadStore(db)
 
 
-def count(engine: Engine, table: sa.Table) -> int:
-    with engine.connect() as conn:
+def count(db: Database, table: sa.Table) -> int:
+    with db.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
 
 
@@ -60,7 +59,7 @@ def params_bytes(dim_out: int, dim_in: int, seed: int = 0) -> tuple[HeadParams, 
     return params, buf.getvalue()
 
 
-def test_schema_matches_and_cascades_on_postgres(db: Engine) -> None:
+def test_schema_matches_and_cascades_on_postgres(db: Database) -> None:
     assert schema_version(db) == "0002"
     with db.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -107,7 +106,7 @@ def test_lifecycle_on_postgres(store: HeadStore) -> None:
     assert info.value.code == "head_not_ready"
 
 
-def test_timestamps_are_utc_whatever_the_session_time_zone(url: str, db: Engine) -> None:
+def test_timestamps_are_utc_whatever_the_session_time_zone(url: str, db: Database) -> None:
     store = HeadStore(db)
     spec = store.create("alpha", "topic", HeadKind.CLASSIFIER, V1, {}, EXAMPLES)
     elsewhere = sa.create_engine(
@@ -144,7 +143,7 @@ def test_duplicates_and_concurrent_creates_on_postgres(store: HeadStore) -> None
         outcomes = list(pool.map(create, range(workers)))
     assert outcomes.count("head_exists") == workers - 1
     assert len(store.find("alpha", "race")) == 1
-    assert count(store.engine, head_examples) == 3 * len(EXAMPLES)
+    assert count(store.db, head_examples) == 3 * len(EXAMPLES)
 
 
 def test_visibility_sharing_and_delete_on_postgres(store: HeadStore) -> None:
@@ -166,9 +165,9 @@ def test_visibility_sharing_and_delete_on_postgres(store: HeadStore) -> None:
     with pytest.raises(NotFound):
         store.get(b1.head_id)
     assert store.list_visible("alpha") == [store.get(a1.head_id)]
-    assert count(store.engine, head_shares) == 0
-    assert count(store.engine, head_examples) == 2 * len(EXAMPLES)
-    assert count(store.engine, heads) == 2
+    assert count(store.db, head_shares) == 0
+    assert count(store.db, head_examples) == 2 * len(EXAMPLES)
+    assert count(store.db, heads) == 2
 
 
 def test_examples_round_trip_on_postgres(store: HeadStore) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from postgres_support import Forwarder, Received, ServeProcess, usage_sums
-from sqlalchemy.engine import Engine
+
+from polyray.db.connection import Database
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ def assert_same_usage(ledger: Received, told: Received) -> None:
 
 
 def test_partition_then_recovery_loses_no_usage(
-    db: Engine, database: str, forwarder: Forwarder, tmp_path: Path
+    db: Database, database: str, forwarder: Forwarder, tmp_path: Path
 ) -> None:
     server = ServeProcess(tmp_path / "home", f"postgresql://postgres@{forwarder.url}/{database}", DB_TIMEOUT_S)
     server.start()
@@ -100,7 +101,7 @@ def test_partition_then_recovery_loses_no_usage(
 
 
 def test_sigterm_in_a_partition_exits_and_a_restart_replays(
-    db: Engine, database: str, forwarder: Forwarder, tmp_path: Path
+    db: Database, database: str, forwarder: Forwarder, tmp_path: Path
 ) -> None:
     url = f"postgresql://postgres@{forwarder.url}/{database}"
     server = ServeProcess(tmp_path / "home", url, DB_TIMEOUT_S)

@@ -22,15 +22,14 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from postgres_support import PG_PORT, Forwarder
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database, open_database, schema_version
+from polyray.db.schema import metadata, usage, usage_batches
 from polyray.errors import Forbidden, Unauthenticated
-from polyray.tenancy.db import open_database, schema_version
 from polyray.tenancy.directory import ClientDirectory
 from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRecord, UsageRow, apply_batch, compute_s_today
 from polyray.tenancy.model import PriorityClass, Quota
 from polyray.tenancy.reports import usage_totals
-from polyray.tenancy.schema import metadata, usage, usage_batches
 from polyray.tenancy.store import ClientStore
 
 pytestmark = pytest.mark.integration
@@ -39,10 +38,10 @@ T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC).timestamp()
 Totals = dict[str, tuple[int, int, int, int, int]]
 
 
-def totals(engine: Engine) -> Totals:
+def totals(db: Database) -> Totals:
     cols = [usage.c.num_requests, usage.c.num_texts, usage.c.num_cached, usage.c.num_tokens, usage.c.compute_ns]
     query = sa.select(usage.c.client, *(sa.func.sum(c) for c in cols)).group_by(usage.c.client)
-    with engine.connect() as conn:
+    with db.connect() as conn:
         return {r[0]: tuple(int(v) for v in r[1:]) for r in conn.execute(query)}  # type: ignore[misc]
 
 
@@ -100,7 +99,7 @@ async def wait_for(cond: object, what: str, timeout_s: float = 10.0) -> None:
 # -- schema, clients and auth on PostgreSQL ----------------------------------------------------
 
 
-def test_migrations_reach_head_and_match_the_schema_module(db: Engine) -> None:
+def test_migrations_reach_head_and_match_the_schema_module(db: Database) -> None:
     assert schema_version(db) == "0002"
     with db.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -109,7 +108,7 @@ def test_migrations_reach_head_and_match_the_schema_module(db: Engine) -> None:
         assert {c["name"] for c in inspector.get_columns(table.name)} == {c.name for c in table.columns}
 
 
-def test_store_and_directory(db: Engine) -> None:
+def test_store_and_directory(db: Database) -> None:
     store = ClientStore(db)
     made, key = store.create_client("search", PriorityClass.INTERACTIVE, 2.0, Quota(requests_per_s=3.0))
     admin_key = store.create_admin_key()
@@ -129,7 +128,7 @@ def test_store_and_directory(db: Engine) -> None:
         directory.authenticate(key)
     client = directory.authenticate(new_key).client
     assert client is not None and client.quota == Quota(max_concurrent=4)
-    # A fresh engine (a restart) sees the same state.
+    # A fresh connection pool (a restart) sees the same state.
     again = sa.create_engine(db.url)
     try:
         other = ClientDirectory(ClientStore(again))
@@ -139,7 +138,7 @@ def test_store_and_directory(db: Engine) -> None:
         again.dispose()
 
 
-def test_apply_batch_reports_and_big_values(db: Engine) -> None:
+def test_apply_batch_reports_and_big_values(db: Database) -> None:
     minute = int(T0 // 60) * 60
     big = 4 * 10**15
     assert apply_batch(db, UsageBatch("pg-1", (UsageRow("a", "minilm", "1", minute, 1, 2, 1, 30, big),))) is True
@@ -153,7 +152,7 @@ def test_apply_batch_reports_and_big_values(db: Engine) -> None:
     assert compute_s_today(db, T0 + 60) == {"a": pytest.approx(2 * big / 1e9)}
 
 
-def test_apply_batch_twice_counts_once(db: Engine) -> None:
+def test_apply_batch_twice_counts_once(db: Database) -> None:
     batch = UsageBatch("pg-once", (UsageRow("a", "minilm", "1", int(T0 // 60) * 60, 1, 2, 1, 30, 777),))
     assert apply_batch(db, batch) is True
     second = apply_batch(db, batch)
@@ -161,7 +160,7 @@ def test_apply_batch_twice_counts_once(db: Engine) -> None:
     assert second is False
 
 
-async def test_ledger_replay_of_an_applied_batch_counts_once(db: Engine, tmp_path: Path) -> None:
+async def test_ledger_replay_of_an_applied_batch_counts_once(db: Database, tmp_path: Path) -> None:
     """Commit sent, answer lost: the batch is in the database and still in the spool."""
     spool = Spool(tmp_path / "spool.jsonl")
     done = UsageBatch("committed", (UsageRow("a", "minilm", "1", int(T0 // 60) * 60, 1, 1, 0, 10, 100),))
@@ -174,7 +173,7 @@ async def test_ledger_replay_of_an_applied_batch_counts_once(db: Engine, tmp_pat
     assert totals(db) == {"a": (1, 1, 0, 10, 100)}
 
 
-def test_concurrent_apply_of_the_same_batch_applies_once(db: Engine) -> None:
+def test_concurrent_apply_of_the_same_batch_applies_once(db: Database) -> None:
     minute = int(T0 // 60) * 60
     num_batches = 20
     outcomes: list[bool] = []
@@ -198,7 +197,7 @@ def test_concurrent_apply_of_the_same_batch_applies_once(db: Engine) -> None:
 # -- PostgreSQL unreachable mid-run: nothing lost, nothing counted twice -----------------------
 
 
-async def test_outage_mid_run_loses_no_usage(db: Engine, database: str, forwarder: Forwarder, tmp_path: Path) -> None:
+async def test_outage_mid_run_loses_no_usage(db: Database, database: str, forwarder: Forwarder, tmp_path: Path) -> None:
     spool = tmp_path / "usage-spool.jsonl"
     through = open_database(f"postgresql://postgres@{forwarder.url}/{database}")
     ledger = UsageLedger(through, spool, flush_interval_s=0.05, max_backoff_s=0.2)
@@ -246,7 +245,7 @@ async def test_outage_mid_run_loses_no_usage(db: Engine, database: str, forwarde
 
 
 async def test_outage_then_restart_replays_the_spool(
-    db: Engine, database: str, forwarder: Forwarder, tmp_path: Path
+    db: Database, database: str, forwarder: Forwarder, tmp_path: Path
 ) -> None:
     spool = tmp_path / "usage-spool.jsonl"
     url = f"postgresql://postgres@{forwarder.url}/{database}"
@@ -289,7 +288,7 @@ async def test_outage_then_restart_replays_the_spool(
 
 
 async def test_silent_partition_spools_within_the_deadline_and_replays_once(
-    db: Engine, database: str, forwarder: Forwarder, tmp_path: Path
+    db: Database, database: str, forwarder: Forwarder, tmp_path: Path
 ) -> None:
     spool = tmp_path / "usage-spool.jsonl"
     url = f"postgresql://postgres@{forwarder.url}/{database}"

@@ -28,7 +28,7 @@ from polyray.benchmarks.corpus import make_corpus
 from polyray.benchmarks.loadgen import _read_response, percentile
 from polyray.benchmarks.server import free_port, start_server, stop_server
 from polyray.config import default_threads
-from polyray.tenancy.db import open_database
+from polyray.db.connection import open_database
 from polyray.tenancy.model import CLASS_WEIGHT, PriorityClass
 from polyray.tenancy.store import ClientStore
 
@@ -229,7 +229,7 @@ def run_fairness_bench(opts: FairnessOptions) -> FairnessReport:
     store = ClientStore(open_database(f"sqlite:///{home}/polyray.db"))
     _, key_a = store.create_client("flooder-a", PriorityClass.BATCH, 1.0)
     _, key_b = store.create_client("steady-b", PriorityClass.INTERACTIVE, 1.0)
-    store.engine.dispose()
+    store.db.dispose()
     port = free_port()
     server = _start_server(home, threads, port)
     report = FairnessReport(opts)

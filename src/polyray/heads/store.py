@@ -1,7 +1,7 @@
 """Heads in the database: descriptions, parameters (npz bytes), shares and training examples.
 
 The one place that reads and writes the ``heads``, ``head_shares``, ``head_examples`` and
-``head_generation`` tables (``polyray.tenancy.schema``, migration 0002). Methods block; the
+``head_generation`` tables (``polyray.db.schema``, migration 0002). Methods block; the
 server calls them from threads, tests and the CLI directly.
 
 Decisions worth knowing:
@@ -34,12 +34,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database
+from polyray.db.schema import head_examples, head_generation, head_shares, heads
 from polyray.errors import BackendError, InvalidRequest, NotFound
 from polyray.heads.kinds import HeadKind, HeadSpec, HeadStatus, check_head_name
 from polyray.tenancy.model import check_name
-from polyray.tenancy.schema import head_examples, head_generation, head_shares, heads
 from polyray.types import ModelRef
 
 _GENERATION_ROW = 1
@@ -123,8 +123,8 @@ def _model_filter(model: ModelRef | None) -> list[sa.ColumnElement[bool]]:
 
 
 class HeadStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     # -- creating ------------------------------------------------------------------------
     def create(
@@ -165,7 +165,7 @@ class HeadStore:
             code="head_exists",
         )
         try:
-            with self.engine.begin() as conn:
+            with self.db.begin() as conn:
                 if self._find_ids(conn, owner, name, model):
                     raise exists
                 conn.execute(
@@ -201,7 +201,7 @@ class HeadStore:
 
     # -- reading -------------------------------------------------------------------------
     def get(self, head_id: str) -> HeadSpec:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             found = self._select(conn, heads.c.id == head_id)
         if not found:
             raise _not_found(head_id)
@@ -210,24 +210,24 @@ class HeadStore:
     def find(self, owner: str, name: str, model: ModelRef | None = None) -> list[HeadSpec]:
         """The heads ``owner/name``: one per model version it was trained for (oldest first), or
         only the one bound to ``model`` (an empty list when there is none)."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return self._select(conn, heads.c.owner == owner, heads.c.name == name, *_model_filter(model))
 
     def list_visible(self, client: str, model: ModelRef | None = None) -> list[HeadSpec]:
         """What ``client`` may apply: its own heads and those shared with it."""
         shared = sa.select(head_shares.c.head_id).where(head_shares.c.client == client)
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return self._select(conn, sa.or_(heads.c.owner == client, heads.c.id.in_(shared)), *_model_filter(model))
 
     def list_all(self, model: ModelRef | None = None) -> list[HeadSpec]:
         """Every head (the admin view, and what a server loads at start)."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return self._select(conn, *_model_filter(model))
 
     def pending(self) -> list[HeadSpec]:
         """Heads waiting for or in training, oldest first: after a restart the server re-queues
         them (a head left ``training`` by a dead process would otherwise never finish)."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return self._select(
                 conn,
                 heads.c.status.in_([HeadStatus.PENDING.value, HeadStatus.TRAINING.value]),
@@ -238,7 +238,7 @@ class HeadStore:
         """The npz bytes of a ready head's parameters, checked against their stored SHA-256 (a
         corrupted artifact fails here, loudly, instead of serving wrong outputs).
         NotFound ``head_not_found``, or ``head_not_ready`` when it has no parameters yet."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(
                 sa.select(heads.c.artifact, heads.c.artifact_sha256).where(heads.c.id == head_id)
             ).first()
@@ -253,7 +253,7 @@ class HeadStore:
 
     def examples(self, head_id: str) -> list[tuple[str, object]]:
         """The training examples as given to ``create`` (text, JSON-decoded label), in order."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             if conn.execute(sa.select(heads.c.id).where(heads.c.id == head_id)).first() is None:
                 raise _not_found(head_id)
             rows = conn.execute(
@@ -266,7 +266,7 @@ class HeadStore:
     def generation(self) -> int:
         """A counter every committed change to any head increments (including progress updates).
         Poll it and reload when it differs from the last value seen; never compare for order."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             value = conn.execute(
                 sa.select(head_generation.c.generation).where(head_generation.c.id == _GENERATION_ROW)
             ).scalar_one_or_none()
@@ -317,7 +317,7 @@ class HeadStore:
     def share(self, head_id: str, clients: Iterable[str]) -> HeadSpec:
         """Let ``clients`` apply the head too; sharing twice, or with the owner, changes nothing."""
         names = _client_names(clients)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             owner = self._owner(conn, head_id)
             rows = [{"head_id": head_id, "client": c} for c in names if c != owner]
             if rows:
@@ -329,7 +329,7 @@ class HeadStore:
     def unshare(self, head_id: str, clients: Iterable[str]) -> HeadSpec:
         """Withdraw the head from ``clients``; names it was not shared with are ignored."""
         names = _client_names(clients)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             self._owner(conn, head_id)
             if names:
                 conn.execute(
@@ -340,7 +340,7 @@ class HeadStore:
 
     def delete(self, head_id: str) -> None:
         """Delete the head, its shares and its examples, all or nothing."""
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             self._owner(conn, head_id)
             conn.execute(head_examples.delete().where(head_examples.c.head_id == head_id))
             conn.execute(head_shares.delete().where(head_shares.c.head_id == head_id))
@@ -381,7 +381,7 @@ class HeadStore:
         return str(owner)
 
     def _update(self, head_id: str, **values: object) -> None:
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             done = conn.execute(heads.update().where(heads.c.id == head_id).values(updated_at=_now(), **values))
             if done.rowcount == 0:
                 raise _not_found(head_id)

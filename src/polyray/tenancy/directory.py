@@ -14,8 +14,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from polyray.db.connection import DEFAULT_DB_TIMEOUT_S, call_with_deadline
 from polyray.errors import Forbidden, Unauthenticated
-from polyray.tenancy.db import DEFAULT_DB_TIMEOUT_S, call_with_deadline
 from polyray.tenancy.keys import ADMIN_ROLE, hash_key
 from polyray.tenancy.model import Client
 from polyray.tenancy.store import ClientStore, Snapshot

@@ -7,7 +7,7 @@ with the journal on, appends it to the local journal (``polyray.tenancy.journal`
 file (one JSON line, fsynced) and written to the database in one transaction that also inserts
 the batch id into ``usage_batches``; once written it leaves the spool. If the database cannot be
 reached, or does not answer within ``db_timeout_s`` (each call has a client-side deadline, see
-``polyray.tenancy.db``), the batch stays in the spool and is retried with backoff. A batch whose
+``polyray.db.connection``), the batch stays in the spool and is retried with backoff. A batch whose
 commit outcome is unknown (a timed-out transaction may still commit later) is simply retried: the
 id makes the second apply a no-op, so every row is counted exactly once. On start the spool (and
 any journal a killed process left) is replayed first; on stop the aggregate is flushed to the
@@ -36,10 +36,9 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
 
-from polyray.tenancy.db import DEFAULT_DB_TIMEOUT_S, call_with_deadline
-from polyray.tenancy.schema import usage, usage_batches
+from polyray.db.connection import DEFAULT_DB_TIMEOUT_S, Database, call_with_deadline
+from polyray.db.schema import usage, usage_batches
 
 if TYPE_CHECKING:
     from polyray.tenancy.journal import UsageJournal
@@ -136,10 +135,10 @@ def _minute(minute_s: int) -> datetime:
     return datetime.fromtimestamp(minute_s, UTC)
 
 
-def apply_batch(engine: Engine, batch: UsageBatch) -> bool:
+def apply_batch(db: Database, batch: UsageBatch) -> bool:
     """Add the batch's rows to the ledger once; False if this batch id was applied before."""
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-    with engine.begin() as conn:
+    insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+    with db.begin() as conn:
         marker = insert(usage_batches).values(batch_id=batch.batch_id, applied_at=datetime.now(UTC))
         # RETURNING, not rowcount: psycopg reports rowcount -1 for INSERT ... ON CONFLICT DO NOTHING.
         done = conn.execute(
@@ -215,7 +214,7 @@ class UsageLedger:
 
     def __init__(
         self,
-        engine: Engine,
+        db: Database,
         spool_path: Path,
         flush_interval_s: float = 1.0,
         max_backoff_s: float = 30.0,
@@ -223,7 +222,7 @@ class UsageLedger:
         db_timeout_s: float = DEFAULT_DB_TIMEOUT_S,
         journal: UsageJournal | None = None,
     ) -> None:
-        self.engine = engine
+        self.db = db
         self.spool = Spool(spool_path)
         self.flush_interval_s = flush_interval_s
         self.max_backoff_s = max_backoff_s
@@ -323,7 +322,7 @@ class UsageLedger:
         while self._pending:
             batch = self._pending[0]
             try:
-                await call_with_deadline(self.call_timeout_s, apply_batch, self.engine, batch)
+                await call_with_deadline(self.call_timeout_s, apply_batch, self.db, batch)
             except Exception as exc:  # noqa: BLE001 - any database failure: keep the batch, retry later
                 self.num_failed_flushes += 1
                 for waiting in self._pending:
@@ -370,11 +369,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def compute_s_today(engine: Engine, now_wall_s: float | None = None) -> dict[str, float]:
+def compute_s_today(db: Database, now_wall_s: float | None = None) -> dict[str, float]:
     """Compute-seconds each client has been charged today (UTC), for the daily budget after a restart."""
     now_wall_s = time.time() if now_wall_s is None else now_wall_s
     day_start = _minute(int(now_wall_s // 86_400) * 86_400)
-    with engine.connect() as conn:
+    with db.connect() as conn:
         rows = conn.execute(
             sa.select(usage.c.client, sa.func.sum(usage.c.compute_ns))
             .where(usage.c.minute >= day_start, usage.c.minute < day_start + timedelta(days=1))

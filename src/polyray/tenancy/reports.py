@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database
+from polyray.db.schema import usage
 from polyray.errors import InvalidRequest
-from polyray.tenancy.schema import usage
 
 GROUPINGS = ("client", "model", "day", "minute")
 
@@ -25,7 +25,7 @@ class UsageTotal:
 
 
 def usage_totals(
-    engine: Engine, since: datetime, until: datetime | None = None, by: str = "client", client: str | None = None
+    db: Database, since: datetime, until: datetime | None = None, by: str = "client", client: str | None = None
 ) -> list[UsageTotal]:
     """Sums over [since, until) grouped ``by``; only ``client``'s rows when given."""
     if by not in GROUPINGS:
@@ -50,7 +50,7 @@ def usage_totals(
         query = query.where(usage.c.client == client)
     query = query.group_by(*group_cols).order_by(*group_cols)
     totals: dict[str, list[int]] = {}
-    with engine.connect() as conn:
+    with db.connect() as conn:
         for row in conn.execute(query):
             *groups, n_req, n_texts, n_cached, n_tokens, ns = row
             if by == "model":

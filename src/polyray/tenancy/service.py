@@ -14,11 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine as SqlEngine
-
 from polyray.config import TenancyConfig, database_url, spool_path
+from polyray.db.connection import Database, open_database, watchdog_of
 from polyray.tenancy.accounts import Accounts
-from polyray.tenancy.db import open_database, watchdog_of
 from polyray.tenancy.directory import ClientDirectory
 from polyray.tenancy.journal import UsageJournal
 from polyray.tenancy.ledger import UsageLedger, UsageRecord, compute_s_today
@@ -48,7 +46,7 @@ class Tenancy:
     def __init__(
         self,
         config: TenancyConfig,
-        db: SqlEngine,
+        db: Database,
         spool: Path,
         on_record: Callable[[UsageRecord], None] | None = None,
     ) -> None:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database
+from polyray.db.schema import api_keys, clients
 from polyray.errors import InvalidRequest, NotFound
 from polyray.tenancy.keys import ADMIN_ROLE, CLIENT_ROLE, generate_key, hash_key
 from polyray.tenancy.model import Client, PriorityClass, Quota, check_name
-from polyray.tenancy.schema import api_keys, clients
 
 _QUOTA_FIELDS = ("requests_per_s", "tokens_per_s", "max_concurrent", "daily_compute_s")
 
@@ -54,8 +54,8 @@ def _client(row: sa.Row) -> Client:  # type: ignore[type-arg]
 
 
 class ClientStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     # -- clients -------------------------------------------------------------------------
     def create_client(
@@ -69,7 +69,7 @@ class ClientStore:
         if share <= 0:
             raise InvalidRequest(f"share must be > 0, got {share}", param="share")
         quota = quota or Quota()
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             if conn.execute(sa.select(clients.c.id).where(clients.c.name == name)).first() is not None:
                 raise InvalidRequest(f"client {name!r} already exists", param="name", code="client_exists")
             now = _now()
@@ -88,14 +88,14 @@ class ClientStore:
         return Client(client_id, name, priority, share, quota), key
 
     def get(self, name: str) -> Client:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(sa.select(clients).where(clients.c.name == name)).first()
         if row is None:
             raise NotFound(f"no client named {name!r}", param="name", code="client_not_found")
         return _client(row)
 
     def all(self) -> list[Client]:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return [_client(r) for r in conn.execute(sa.select(clients).order_by(clients.c.name))]
 
     def update(
@@ -117,7 +117,7 @@ class ClientStore:
             share=share if share is not None else client.share,
             disabled=disabled if disabled is not None else client.disabled,
         )
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(
                 clients.update()
                 .where(clients.c.id == client.id)
@@ -134,7 +134,7 @@ class ClientStore:
     def rotate_key(self, name: str) -> str:
         """Revoke every key of the client and issue a new one (returned once)."""
         client = self.get(name)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(
                 api_keys.update()
                 .where(api_keys.c.client_id == client.id, api_keys.c.revoked_at.is_(None))
@@ -144,23 +144,23 @@ class ClientStore:
 
     def keys(self, name: str) -> list[KeyInfo]:
         client = self.get(name)
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(sa.select(api_keys).where(api_keys.c.client_id == client.id).order_by(api_keys.c.id))
             return [KeyInfo(r.prefix, r.role, name, r.created_at, r.revoked_at) for r in rows]
 
     # -- admin keys ----------------------------------------------------------------------
     def create_admin_key(self) -> str:
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             return self._add_key(conn, ADMIN_ROLE, None)
 
     def is_empty(self) -> bool:
         """No client and no admin key yet: the state ``polyray serve`` bootstraps from."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(api_keys)).scalar_one() == 0
 
     # -- what auth reads -----------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             by_id = {r.id: _client(r) for r in conn.execute(sa.select(clients))}
             keys: dict[str, tuple[str, str | None]] = {}
             for r in conn.execute(sa.select(api_keys).where(api_keys.c.revoked_at.is_(None))):

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
+from polyray.db.connection import Database, open_database, schema_version
+from polyray.db.schema import head_examples, head_generation, head_shares, heads
 from polyray.errors import BackendError, InvalidRequest, NotFound
 from polyray.heads.kinds import HeadKind, HeadParams, HeadSpec, HeadStatus
 from polyray.heads.store import HeadStore
-from polyray.tenancy.db import open_database, schema_version
-from polyray.tenancy.schema import head_examples, head_generation, head_shares, heads
 from polyray.types import ModelRef
 
 V1 = ModelRef("minilm", "1")
@@ -28,14 +27,14 @@ EXAMPLES: list[tuple[str, object]] = [("good", "pos"), ("bad", "neg"), ("fine", 
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = open_database(f"sqlite:///{tmp_path}/heads.db")
-    yield engine
-    engine.dispose()
+def db(tmp_path: Path) -> Iterator[Database]:
+    db = open_database(f"sqlite:///{tmp_path}/heads.db")
+    yield db
+    db.dispose()
 
 
 @pytest.fixture
-def store(db: Engine) -> HeadStore:
+def store(db: Database) -> HeadStore:
     return HeadStore(db)
 
 
@@ -45,8 +44,8 @@ def npz(params: HeadParams) -> bytes:
     return buf.getvalue()
 
 
-def count(engine: Engine, table: sa.Table) -> int:
-    with engine.connect() as conn:
+def count(db: Database, table: sa.Table) -> int:
+    with db.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
 
 
@@ -61,7 +60,7 @@ def train(store: HeadStore, head_id: str, labels: tuple[str, ...] = ("neg", "pos
 # -- schema ------------------------------------------------------------------------------------
 
 
-def test_migration_0002_creates_the_head_tables(db: Engine) -> None:
+def test_migration_0002_creates_the_head_tables(db: Database) -> None:
     assert schema_version(db) == "0002"
     inspector = sa.inspect(db)
     assert {"heads", "head_shares", "head_examples", "head_generation"} <= set(inspector.get_table_names())
@@ -123,7 +122,7 @@ def test_duplicate_name_for_the_same_model_version_is_refused(store: HeadStore) 
     second = store.create("alpha", "topic", HeadKind.CLASSIFIER, V2, {}, store.examples(first.head_id))
     other = store.create("beta", "topic", HeadKind.CLASSIFIER, V1, {}, EXAMPLES)
     assert len({first.head_id, second.head_id, other.head_id}) == 3
-    assert count(store.engine, heads) == 3
+    assert count(store.db, heads) == 3
 
 
 def test_concurrent_creates_of_one_head_make_one(store: HeadStore) -> None:
@@ -139,8 +138,8 @@ def test_concurrent_creates_of_one_head_make_one(store: HeadStore) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         outcomes = list(pool.map(create, range(4)))
     assert sorted(o for o in outcomes if o == "head_exists") == ["head_exists"] * 3
-    assert count(store.engine, heads) == 1
-    assert count(store.engine, head_examples) == len(EXAMPLES)  # the losers left no examples behind
+    assert count(store.db, heads) == 1
+    assert count(store.db, head_examples) == len(EXAMPLES)  # the losers left no examples behind
 
 
 def test_the_unique_constraint_backs_the_duplicate_check(store: HeadStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +149,7 @@ def test_the_unique_constraint_backs_the_duplicate_check(store: HeadStore, monke
     with pytest.raises(InvalidRequest) as info:
         store.create("alpha", "topic", HeadKind.CLASSIFIER, V1, {}, EXAMPLES)
     assert info.value.code == "head_exists"
-    assert count(store.engine, heads) == 1 and count(store.engine, head_examples) == len(EXAMPLES)
+    assert count(store.db, heads) == 1 and count(store.db, head_examples) == len(EXAMPLES)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +177,7 @@ def test_invalid_heads_are_refused_and_store_nothing(
     with pytest.raises(InvalidRequest) as info:
         store.create(owner, name, kind, V1, options, examples)
     assert info.value.code == code
-    assert count(store.engine, heads) == 0 and count(store.engine, head_examples) == 0
+    assert count(store.db, heads) == 0 and count(store.db, head_examples) == 0
     assert store.generation() == 0
 
 
@@ -229,7 +228,7 @@ def test_share_and_unshare(store: HeadStore) -> None:
     assert store.unshare(spec.head_id, ["beta", "nobody"]).shared_with == frozenset({"gamma", "delta"})
     assert store.unshare(spec.head_id, []).shared_with == frozenset({"gamma", "delta"})
     assert [s.head_id for s in store.list_visible("beta")] == []
-    assert count(store.engine, head_shares) == 2
+    assert count(store.db, head_shares) == 2
     with pytest.raises(InvalidRequest) as info:
         store.share(spec.head_id, ["Not A Client"])
     assert (info.value.code, info.value.param) == ("invalid_client", "clients")
@@ -282,7 +281,7 @@ def test_progress_finish_and_artifact_round_trip(store: HeadStore) -> None:
     np.testing.assert_array_equal(again.weight, params.weight)
     np.testing.assert_array_equal(again.bias, params.bias)
     # An artifact altered behind the store's back is refused, not served.
-    with store.engine.begin() as conn:
+    with store.db.begin() as conn:
         conn.execute(
             heads.update()
             .where(heads.c.id == spec.head_id)
@@ -373,7 +372,7 @@ def test_delete_removes_the_head_its_shares_and_examples(store: HeadStore) -> No
         store.get(doomed.head_id)
     with pytest.raises(NotFound):
         store.delete(doomed.head_id)
-    with store.engine.connect() as conn:
+    with store.db.connect() as conn:
         assert conn.execute(sa.select(head_examples.c.head_id).distinct()).scalars().all() == [kept.head_id]
         assert conn.execute(sa.select(head_shares)).all() == [(kept.head_id, "beta")]
     assert store.get(kept.head_id).shared_with == frozenset({"beta"})
@@ -423,15 +422,15 @@ def test_generation_moves_on_every_write_and_is_seen_by_another_engine(store: He
 
 def test_everything_survives_reopening(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/reopen.db"
-    engine = open_database(url)
+    db = open_database(url)
     try:
-        store = HeadStore(engine)
+        store = HeadStore(db)
         spec = store.create("alpha", "topic", HeadKind.CLASSIFIER, V1, {"seed": 1}, EXAMPLES)
         store.share(spec.head_id, ["beta"])
         data = train(store, spec.head_id)
         before = store.get(spec.head_id)
     finally:
-        engine.dispose()
+        db.dispose()
     again = open_database(url)
     try:
         store = HeadStore(again)

@@ -1,5 +1,5 @@
 """The usage journal, the ledger's failure counters, the call deadline and file permissions, on real
-SQLite files and real processes (``tenancy.journal``, ``tenancy.ledger``, ``tenancy.db``)."""
+SQLite files and real processes (``tenancy.journal``, ``tenancy.ledger``, ``db.connection``)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
 from polyray.config import ConfigError, TenancyConfig, load_settings
-from polyray.tenancy.db import DatabaseTimeout, call_with_deadline, open_database
+from polyray.db.connection import Database, DatabaseTimeout, call_with_deadline, open_database
+from polyray.db.schema import usage
 from polyray.tenancy.journal import UsageJournal
 from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRecord, apply_batch
-from polyray.tenancy.schema import usage
 from polyray.tenancy.service import journal_dir
 
 T0 = 1_767_610_000.0
@@ -30,15 +29,15 @@ Totals = tuple[int, int, int, int, int]
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = open_database(f"sqlite:///{tmp_path}/ledger.db")
-    yield engine
-    engine.dispose()
+def db(tmp_path: Path) -> Iterator[Database]:
+    db = open_database(f"sqlite:///{tmp_path}/ledger.db")
+    yield db
+    db.dispose()
 
 
-def totals(engine: Engine) -> Totals:
+def totals(db: Database) -> Totals:
     cols = (usage.c.num_requests, usage.c.num_texts, usage.c.num_cached, usage.c.num_tokens, usage.c.compute_ns)
-    with engine.connect() as conn:
+    with db.connect() as conn:
         row = conn.execute(sa.select(*(sa.func.coalesce(sa.func.sum(c), 0) for c in cols))).one()
     return tuple(int(v) for v in row)  # type: ignore[return-value]
 
@@ -58,10 +57,10 @@ def expected(recs: list[UsageRecord]) -> Totals:
     )
 
 
-def ledger_for(engine: Engine, tmp_path: Path, journal: bool = True) -> UsageLedger:
+def ledger_for(db: Database, tmp_path: Path, journal: bool = True) -> UsageLedger:
     spool = tmp_path / "usage-spool.jsonl"
     return UsageLedger(
-        engine,
+        db,
         spool,
         flush_interval_s=0.05,
         max_backoff_s=0.1,
@@ -75,7 +74,7 @@ KILLED_CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from polyray.tenancy.db import open_database
+    from polyray.db.connection import open_database
     from polyray.tenancy.journal import UsageJournal
     from polyray.tenancy.ledger import UsageLedger, UsageRecord
     from polyray.tenancy.service import journal_dir
@@ -114,23 +113,23 @@ async def test_sigkill_after_the_records_loses_nothing_with_the_journal(tmp_path
         child.wait(timeout=10)
     assert child.returncode == -signal.SIGKILL
 
-    engine = open_database(f"sqlite:///{tmp_path}/ledger.db")
+    db = open_database(f"sqlite:///{tmp_path}/ledger.db")
     try:
-        assert totals(engine) == (0, 0, 0, 0, 0)  # nothing had been flushed
-        restarted = ledger_for(engine, tmp_path, journal=with_journal)
+        assert totals(db) == (0, 0, 0, 0, 0)  # nothing had been flushed
+        restarted = ledger_for(db, tmp_path, journal=with_journal)
         await restarted.start()
         await restarted.stop()
         if with_journal:
-            assert totals(engine) == expected(records(n))
+            assert totals(db) == expected(records(n))
             assert restarted.num_recovered_batches == 1
             assert list(journal_dir(tmp_path / "usage-spool.jsonl").glob("*.jsonl")) == []  # replayed, then removed
         else:
-            assert totals(engine) == (0, 0, 0, 0, 0)  # what the journal exists for: without it all was lost
+            assert totals(db) == (0, 0, 0, 0, 0)  # what the journal exists for: without it all was lost
     finally:
-        engine.dispose()
+        db.dispose()
 
 
-async def test_a_kill_between_spool_and_journal_cleanup_counts_once(db: Engine, tmp_path: Path) -> None:
+async def test_a_kill_between_spool_and_journal_cleanup_counts_once(db: Database, tmp_path: Path) -> None:
     """Killed after the batch reached the spool (and even the database) but before its journal
     segment was removed: the segment's id is the batch's, so the replay counts it once."""
     ledger = ledger_for(db, tmp_path)
@@ -156,7 +155,7 @@ async def test_a_kill_between_spool_and_journal_cleanup_counts_once(db: Engine, 
     assert not ledger.spool.path.exists()
 
 
-async def test_a_torn_journal_line_is_skipped_and_the_rest_recovered(db: Engine, tmp_path: Path) -> None:
+async def test_a_torn_journal_line_is_skipped_and_the_rest_recovered(db: Database, tmp_path: Path) -> None:
     journal = UsageJournal(tmp_path / "j")
     journal.open()
     recs = records(10)
@@ -173,7 +172,7 @@ async def test_a_torn_journal_line_is_skipped_and_the_rest_recovered(db: Engine,
     assert sum(r.compute_ns for r in batch.rows) == sum(r.compute_ns for r in recs)
 
 
-async def test_clean_stop_leaves_no_journal_and_nothing_twice(db: Engine, tmp_path: Path) -> None:
+async def test_clean_stop_leaves_no_journal_and_nothing_twice(db: Database, tmp_path: Path) -> None:
     ledger = ledger_for(db, tmp_path)
     await ledger.start()
     recs = records(100)
@@ -194,7 +193,7 @@ async def test_clean_stop_leaves_no_journal_and_nothing_twice(db: Engine, tmp_pa
 # -- failures are counted, spooled and replayed ----------------------------------------------------
 
 
-async def test_write_failures_are_counted_spooled_and_replayed(db: Engine, tmp_path: Path) -> None:
+async def test_write_failures_are_counted_spooled_and_replayed(db: Database, tmp_path: Path) -> None:
     ledger = ledger_for(db, tmp_path, journal=False)
     await ledger.start()
     try:
@@ -245,12 +244,12 @@ async def test_database_spool_and_journal_are_private(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)
     try:
         home = tmp_path / "fresh" / "polyray"
-        engine = open_database(f"sqlite:///{home}/polyray.db")
+        db = open_database(f"sqlite:///{home}/polyray.db")
         try:
-            ledger = ledger_for(engine, home)
+            ledger = ledger_for(db, home)
             await ledger.start()
             ledger.record(records(1)[0])
-            with engine.begin() as conn:  # hold a write so the WAL and shared-memory files exist
+            with db.begin() as conn:  # hold a write so the WAL and shared-memory files exist
                 conn.execute(sa.text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
                 assert _mode(Path(f"{home}/polyray.db-wal")) == 0o600
                 assert _mode(Path(f"{home}/polyray.db-shm")) == 0o600
@@ -258,20 +257,20 @@ async def test_database_spool_and_journal_are_private(tmp_path: Path) -> None:
             assert _mode(home / "polyray.db") == 0o600
             segment = next(journal_dir(ledger.spool.path).glob("*.jsonl"))
             assert _mode(segment) == 0o600 and _mode(segment.parent) == 0o700
-            with engine.begin() as conn:
+            with db.begin() as conn:
                 conn.execute(sa.text("ALTER TABLE usage_minutes RENAME TO usage_away"))
             await ledger.flush()  # fails: the batch stays in the spool
             assert _mode(ledger.spool.path) == 0o600
-            with engine.begin() as conn:
+            with db.begin() as conn:
                 conn.execute(sa.text("ALTER TABLE usage_away RENAME TO usage_minutes"))
             await ledger.stop()
         finally:
-            engine.dispose()
+            db.dispose()
 
         # A file an older version left world-readable is narrowed on open.
         os.chmod(home / "polyray.db", 0o644)
-        engine = open_database(f"sqlite:///{home}/polyray.db")
-        engine.dispose()
+        db = open_database(f"sqlite:///{home}/polyray.db")
+        db.dispose()
         assert _mode(home / "polyray.db") == 0o600
     finally:
         os.umask(old_umask)

@@ -1,4 +1,4 @@
-"""Clients, keys and the usage ledger on real SQLite files (``tenancy.db/store/directory/ledger/reports``)."""
+"""Clients, keys and the usage ledger on real SQLite files (``db.connection``, ``tenancy.store/directory/ledger/reports``)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy.engine import Engine
 
 from polyray.config import TenancyConfig
+from polyray.db.connection import MIGRATIONS_DIR, Database, normalize_url, open_database, schema_version
+from polyray.db.schema import api_keys, clients, metadata, usage, usage_batches
 from polyray.errors import Forbidden, InvalidRequest, NotFound, RateLimited, Unauthenticated
-from polyray.tenancy.db import normalize_url, open_database, schema_version
 from polyray.tenancy.directory import ClientDirectory
 from polyray.tenancy.keys import ADMIN_ROLE, CLIENT_ROLE, generate_key, hash_key
 from polyray.tenancy.ledger import (
@@ -33,7 +35,6 @@ from polyray.tenancy.ledger import (
 )
 from polyray.tenancy.model import PriorityClass, Quota
 from polyray.tenancy.reports import usage_totals
-from polyray.tenancy.schema import api_keys, clients, metadata, usage, usage_batches
 from polyray.tenancy.service import FIRST_CLIENT, Tenancy
 from polyray.tenancy.store import ClientStore
 
@@ -42,22 +43,22 @@ DAY_START = datetime(2026, 1, 5, tzinfo=UTC)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = open_database(f"sqlite:///{tmp_path}/ledger.db")
-    yield engine
-    engine.dispose()
+def db(tmp_path: Path) -> Iterator[Database]:
+    db = open_database(f"sqlite:///{tmp_path}/ledger.db")
+    yield db
+    db.dispose()
 
 
 @pytest.fixture
-def store(db: Engine) -> ClientStore:
+def store(db: Database) -> ClientStore:
     return ClientStore(db)
 
 
-def totals_by_client(engine: Engine) -> dict[str, tuple[int, int, int, int, int]]:
+def totals_by_client(db: Database) -> dict[str, tuple[int, int, int, int, int]]:
     """(requests, texts, cached, tokens, compute_ns) per client, read straight from the table."""
     cols = [usage.c.num_requests, usage.c.num_texts, usage.c.num_cached, usage.c.num_tokens, usage.c.compute_ns]
     query = sa.select(usage.c.client, *(sa.func.sum(c) for c in cols)).group_by(usage.c.client)
-    with engine.connect() as conn:
+    with db.connect() as conn:
         return {r[0]: tuple(int(v) for v in r[1:]) for r in conn.execute(query)}  # type: ignore[misc]
 
 
@@ -79,14 +80,14 @@ def record(client: str, at: float = T0, model: str = "minilm", version: str = "1
 
 def test_new_database_migrates_to_head(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "dir" / "polyray.db"  # parent directories are created
-    engine = open_database(f"sqlite:///{path}")
+    db = open_database(f"sqlite:///{path}")
     try:
         assert path.exists()
-        assert schema_version(engine) == "0002"
-        names = set(sa.inspect(engine).get_table_names())
+        assert schema_version(db) == "0002"
+        names = set(sa.inspect(db).get_table_names())
         assert {"clients", "api_keys", "usage_minutes", "usage_batches", "alembic_version"} <= names
     finally:
-        engine.dispose()
+        db.dispose()
     # Opening again is a no-op upgrade and keeps the data.
     again = open_database(f"sqlite:///{path}")
     try:
@@ -96,14 +97,44 @@ def test_new_database_migrates_to_head(tmp_path: Path) -> None:
 
 
 def test_schema_version_of_an_empty_database(tmp_path: Path) -> None:
-    engine = open_database(f"sqlite:///{tmp_path}/raw.db", upgrade=False)
+    db = open_database(f"sqlite:///{tmp_path}/raw.db", upgrade=False)
     try:
-        assert schema_version(engine) is None
+        assert schema_version(db) is None
     finally:
-        engine.dispose()
+        db.dispose()
 
 
-def test_schema_module_matches_the_migrated_tables(db: Engine) -> None:
+def test_a_database_of_revision_0001_upgrades_in_place_keeping_its_rows(tmp_path: Path) -> None:
+    """The migrations moved to ``polyray.db``; the revision ids and the ``alembic_version`` table did
+    not, so a database an older polyray left at 0001 (tenancy tables only) upgrades to 0002 unchanged."""
+    url = f"sqlite:///{tmp_path}/old.db"
+    db = open_database(url, upgrade=False)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with db.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+        assert schema_version(db) == "0001"
+        _, key = ClientStore(db).create_client("team", quota=Quota(daily_compute_s=2.0))
+        assert "heads" not in sa.inspect(db).get_table_names()
+    finally:
+        db.dispose()
+    db = open_database(url)
+    try:
+        assert schema_version(db) == "0002"
+        with db.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+        assert {"heads", "head_shares", "head_examples", "head_generation"} <= set(sa.inspect(db).get_table_names())
+        team = ClientStore(db).get("team")
+        assert team.quota.daily_compute_s == 2.0
+        assert ClientStore(db).snapshot().keys[hash_key(key)] == (CLIENT_ROLE, "team")
+    finally:
+        db.dispose()
+    assert (MIGRATIONS_DIR / "script.py.mako").is_file()  # the package data pyproject.toml ships
+
+
+def test_schema_module_matches_the_migrated_tables(db: Database) -> None:
     inspector = sa.inspect(db)
     for table in metadata.sorted_tables:
         migrated = {c["name"]: c for c in inspector.get_columns(table.name)}
@@ -260,14 +291,14 @@ async def test_directory_refresh_picks_up_changes_in_the_background(store: Clien
 
 def test_keys_are_stored_only_hashed(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
-    engine = open_database(f"sqlite:///{path}")
-    store = ClientStore(engine)
+    db = open_database(f"sqlite:///{path}")
+    store = ClientStore(db)
     _, key = store.create_client("team")
     rotated = store.rotate_key("team")
     admin = store.create_admin_key()
-    with engine.connect() as conn:
+    with db.connect() as conn:
         digests = {r.key_sha256 for r in conn.execute(sa.select(api_keys))}
-    engine.dispose()
+    db.dispose()
     raw = path.read_bytes()
     for secret in (key, rotated, admin):
         assert hash_key(secret) in digests
@@ -288,19 +319,19 @@ def test_is_empty_and_admin_keys(store: ClientStore) -> None:
 
 def test_nothing_is_lost_across_reopen(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/reopen.db"
-    engine = open_database(url)
-    _, key = ClientStore(engine).create_client("team", quota=Quota(max_concurrent=2))
-    apply_batch(engine, UsageBatch("b1", (UsageRow("team", "minilm", "1", 60, 1, 2, 0, 30, 999),)))
-    engine.dispose()
-    engine = open_database(url)
+    db = open_database(url)
+    _, key = ClientStore(db).create_client("team", quota=Quota(max_concurrent=2))
+    apply_batch(db, UsageBatch("b1", (UsageRow("team", "minilm", "1", 60, 1, 2, 0, 30, 999),)))
+    db.dispose()
+    db = open_database(url)
     try:
-        directory = ClientDirectory(ClientStore(engine))
+        directory = ClientDirectory(ClientStore(db))
         directory.load()
         who = directory.authenticate(key)
         assert who.client is not None and who.client.quota == Quota(max_concurrent=2)
-        assert totals_by_client(engine) == {"team": (1, 2, 0, 30, 999)}
+        assert totals_by_client(db) == {"team": (1, 2, 0, 30, 999)}
     finally:
-        engine.dispose()
+        db.dispose()
 
 
 # -- bootstrap (what `polyray serve` does on an empty database) --------------------------------
@@ -338,11 +369,11 @@ def test_no_bootstrap_without_keys_auth(tmp_path: Path) -> None:
 
 def test_tenancy_seeds_the_daily_budget_from_the_ledger(tmp_path: Path) -> None:
     config = TenancyConfig(database_url=f"sqlite:///{tmp_path}/t.db", bootstrap=False)
-    engine = open_database(config.database_url or "")
-    ClientStore(engine).create_client("team", quota=Quota(daily_compute_s=2.0))
+    db = open_database(config.database_url or "")
+    ClientStore(db).create_client("team", quota=Quota(daily_compute_s=2.0))
     minute = int(time.time() // 60) * 60
-    apply_batch(engine, UsageBatch("today", (UsageRow("team", "minilm", "1", minute, compute_ns=2_500_000_000),)))
-    engine.dispose()
+    apply_batch(db, UsageBatch("today", (UsageRow("team", "minilm", "1", minute, compute_ns=2_500_000_000),)))
+    db.dispose()
     tenancy = Tenancy.open(config)
     try:
         team = tenancy.accounts.client("team")
@@ -378,7 +409,7 @@ def test_usage_batch_json_round_trip() -> None:
     assert UsageBatch.from_json(batch.to_json()) == batch
 
 
-def test_apply_batch_is_idempotent(db: Engine) -> None:
+def test_apply_batch_is_idempotent(db: Database) -> None:
     batch = UsageBatch("batch-1", (UsageRow("a", "minilm", "1", 600, 1, 1, 0, 12, 1000),))
     assert apply_batch(db, batch) is True
     assert apply_batch(db, batch) is False  # a replay of the same id adds nothing
@@ -392,7 +423,7 @@ def test_apply_batch_is_idempotent(db: Engine) -> None:
     assert ids == {"batch-1", "batch-2"}
 
 
-def test_apply_batch_large_compute_values(db: Engine) -> None:
+def test_apply_batch_large_compute_values(db: Database) -> None:
     big = 3 * 10**15  # ~35 days of compute in ns: beyond 32 bits, within BIGINT
     apply_batch(db, UsageBatch("big", (UsageRow("a", "minilm", "1", 0, compute_ns=big),)))
     apply_batch(db, UsageBatch("big2", (UsageRow("a", "minilm", "1", 0, compute_ns=big + 1),)))
@@ -423,7 +454,7 @@ def varied_records(n: int, seed: int = 7) -> list[UsageRecord]:
     return out
 
 
-async def test_ledger_flushes_recorded_usage(db: Engine, tmp_path: Path) -> None:
+async def test_ledger_flushes_recorded_usage(db: Database, tmp_path: Path) -> None:
     flushed: list[tuple[int, bool]] = []
     ledger = UsageLedger(
         db, tmp_path / "spool.jsonl", flush_interval_s=0.01, on_flush=lambda n, ok: flushed.append((n, ok))
@@ -449,7 +480,7 @@ async def test_ledger_flushes_recorded_usage(db: Engine, tmp_path: Path) -> None
         assert conn.execute(sa.select(sa.func.count()).select_from(usage_batches)).scalar_one() == len(flushed)
 
 
-async def test_stop_flushes_the_last_aggregate(db: Engine, tmp_path: Path) -> None:
+async def test_stop_flushes_the_last_aggregate(db: Database, tmp_path: Path) -> None:
     ledger = UsageLedger(db, tmp_path / "spool.jsonl", flush_interval_s=60.0)
     await ledger.start()
     records = varied_records(30, seed=3)
@@ -459,7 +490,7 @@ async def test_stop_flushes_the_last_aggregate(db: Engine, tmp_path: Path) -> No
     assert totals_by_client(db) == expected_totals(records)
 
 
-async def test_broken_database_spools_and_a_restart_replays_exactly(db: Engine, tmp_path: Path) -> None:
+async def test_broken_database_spools_and_a_restart_replays_exactly(db: Database, tmp_path: Path) -> None:
     spool = tmp_path / "spool.jsonl"
     broken = sa.create_engine(f"sqlite:///{tmp_path}/no-such-dir/ledger.db")
     ledger = UsageLedger(broken, spool, flush_interval_s=0.01)
@@ -487,7 +518,7 @@ async def test_broken_database_spools_and_a_restart_replays_exactly(db: Engine, 
     assert restarted.healthy
 
 
-async def test_replay_after_an_ambiguous_commit_counts_once(db: Engine, tmp_path: Path) -> None:
+async def test_replay_after_an_ambiguous_commit_counts_once(db: Database, tmp_path: Path) -> None:
     """The database applied a batch but the answer was lost: the spool still holds it; replaying it
     must not count it twice."""
     spool = Spool(tmp_path / "spool.jsonl")
@@ -502,7 +533,7 @@ async def test_replay_after_an_ambiguous_commit_counts_once(db: Engine, tmp_path
     assert not spool.path.exists()
 
 
-async def test_corrupt_spool_line_is_skipped(db: Engine, tmp_path: Path) -> None:
+async def test_corrupt_spool_line_is_skipped(db: Database, tmp_path: Path) -> None:
     path = tmp_path / "spool.jsonl"
     good = UsageBatch("good", (UsageRow("a", "minilm", "1", 600, compute_ns=5),))
     path.write_text(good.to_json() + "\n" + '{"batch_id": "torn", "rows": [{"cli' + "\n", encoding="utf-8")
@@ -529,7 +560,7 @@ def test_spool_append_read_replace(tmp_path: Path) -> None:
 # -- reports -----------------------------------------------------------------------------------
 
 
-def fill_report_ledger(db: Engine) -> None:
+def fill_report_ledger(db: Database) -> None:
     rows = (
         UsageRow("a", "minilm", "1", int(T0 // 60) * 60, 2, 3, 1, 40, 1_500_000_000),
         UsageRow("a", "minilm", "2", int(T0 // 60) * 60 + 60, 1, 1, 0, 10, 500_000_000),
@@ -539,7 +570,7 @@ def fill_report_ledger(db: Engine) -> None:
     apply_batch(db, UsageBatch("report", rows))
 
 
-def test_report_by_client_model_day_minute(db: Engine) -> None:
+def test_report_by_client_model_day_minute(db: Database) -> None:
     fill_report_ledger(db)
     since = DAY_START
     by_client = {t.group: t for t in usage_totals(db, since)}
@@ -561,7 +592,7 @@ def test_report_by_client_model_day_minute(db: Engine) -> None:
     assert by_minute[:2] == ["2026-01-05T10:30Z", "2026-01-05T10:31Z"]
 
 
-def test_report_filters_by_client_and_time(db: Engine) -> None:
+def test_report_filters_by_client_and_time(db: Database) -> None:
     fill_report_ledger(db)
     only_b = usage_totals(db, DAY_START, client="b")
     assert [(t.group, t.num_requests) for t in only_b] == [("b", 6)]
@@ -574,7 +605,7 @@ def test_report_filters_by_client_and_time(db: Engine) -> None:
     assert info.value.param == "by"
 
 
-def test_compute_s_today(db: Engine) -> None:
+def test_compute_s_today(db: Database) -> None:
     minute = int(T0 // 60) * 60
     apply_batch(db, UsageBatch("yesterday", (UsageRow("a", "minilm", "1", minute - 86_400, compute_ns=9 * 10**9),)))
     apply_batch(db, UsageBatch("today", (UsageRow("a", "minilm", "1", minute, compute_ns=1_500_000_000),)))
@@ -584,7 +615,7 @@ def test_compute_s_today(db: Engine) -> None:
     assert compute_s_today(db, T0 + 86_400) == {}
 
 
-def test_counts_by_table(db: Engine, store: ClientStore) -> None:
+def test_counts_by_table(db: Database, store: ClientStore) -> None:
     """The client and key tables hold one row per client and per key (no hidden duplicates)."""
     store.create_client("one")
     store.create_client("two")

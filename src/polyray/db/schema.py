@@ -1,5 +1,7 @@
-"""The ledger's tables (SQLAlchemy Core). The schema is versioned by the Alembic migrations in
-``migrations/``; this module is what the code queries, and a test checks the two agree."""
+"""Every table (SQLAlchemy Core): tenancy's (clients, keys, usage; migration 0001) and the task
+heads' (migration 0002). The schema is versioned by the Alembic migrations in ``migrations/``;
+this module is what the code queries, and a test checks the two agree. Each table has one
+writer: ``tenancy.store`` and ``tenancy.ledger`` for the first four, ``heads.store`` for the rest."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Open the ledger database and bring its schema to the newest version (Alembic).
+"""Open the database and bring its schema to the newest version (Alembic).
 
 ``sqlite:///path`` by default, ``postgresql+psycopg://...`` (or ``postgresql://``) for a shared
 deployment. The schema is upgraded on open, inside one transaction, so a fresh file or database
@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import sqlalchemy as sa
 
@@ -42,12 +42,16 @@ from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+# SQLAlchemy's connection pool and dialect for one database URL. Called ``Database`` (and held
+# in attributes named ``db``) so that "engine" means polyray's inference engine only.
+Database: TypeAlias = Engine
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 DEFAULT_DB_TIMEOUT_S = 5.0
 WATCHDOG_TICK_S = 0.1  # how late past its deadline a stuck call may be cut
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_WATCHDOGS: weakref.WeakKeyDictionary[Engine, CallWatchdog] = weakref.WeakKeyDictionary()
+_WATCHDOGS: weakref.WeakKeyDictionary[Database, CallWatchdog] = weakref.WeakKeyDictionary()
 
 
 class DatabaseTimeout(sa.exc.SQLAlchemyError):
@@ -157,10 +161,10 @@ async def call_with_deadline(timeout_s: float, fn: Callable[..., T], *args: Any)
         raise DatabaseTimeout(f"the database did not answer within {timeout_s:.1f} s") from None
 
 
-def _install_watchdog(engine: Engine, watchdog: CallWatchdog) -> None:
+def _install_watchdog(db: Database, watchdog: CallWatchdog) -> None:
     """Checkout: watch the connection, then ping it (a replacement for ``pool_pre_ping``, whose
     ping runs before any checkout hook and so could hang unwatched). Checkin: release it."""
-    dialect = engine.dialect
+    dialect = db.dialect
 
     def on_connect(_dbapi: Any, record: Any) -> None:
         record.info["polyray_fresh"] = True
@@ -184,11 +188,11 @@ def _install_watchdog(engine: Engine, watchdog: CallWatchdog) -> None:
     def on_close(_dbapi: Any, record: Any) -> None:
         watchdog.release(id(record))
 
-    sa.event.listen(engine, "connect", on_connect)
-    sa.event.listen(engine, "checkout", on_checkout)
-    sa.event.listen(engine, "checkin", on_checkin)
-    sa.event.listen(engine, "close", on_close)
-    sa.event.listen(engine, "invalidate", lambda _d, record, _e: watchdog.release(id(record)))
+    sa.event.listen(db, "connect", on_connect)
+    sa.event.listen(db, "checkout", on_checkout)
+    sa.event.listen(db, "checkin", on_checkin)
+    sa.event.listen(db, "close", on_close)
+    sa.event.listen(db, "invalidate", lambda _d, record, _e: watchdog.release(id(record)))
 
 
 def normalize_url(url: str) -> str:
@@ -198,8 +202,8 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def open_database(url: str, upgrade: bool = True, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Engine:
-    """The engine; ``timeout_s`` is the deadline of each PostgreSQL call (see module docstring)."""
+def open_database(url: str, upgrade: bool = True, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Database:
+    """The database's connection pool; ``timeout_s`` is the deadline of each PostgreSQL call (see module docstring)."""
     url = normalize_url(url)
     kwargs: dict[str, object] = {"future": True}
     watchdog: CallWatchdog | None = None
@@ -214,28 +218,28 @@ def open_database(url: str, upgrade: bool = True, timeout_s: float = DEFAULT_DB_
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             _private_sqlite_file(Path(url.removeprefix("sqlite:///")).expanduser())
         kwargs["connect_args"] = {"timeout": 10}
-    engine = sa.create_engine(url, **kwargs)
+    db = sa.create_engine(url, **kwargs)
     if watchdog is not None:
-        _install_watchdog(engine, watchdog)
-        _WATCHDOGS[engine] = watchdog
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        _install_watchdog(db, watchdog)
+        _WATCHDOGS[db] = watchdog
+    if db.dialect.name == "sqlite":
+        sa.event.listen(db, "connect", _sqlite_pragmas)
     if upgrade:
         try:
-            upgrade_schema(engine)
+            upgrade_schema(db)
         except DatabaseTimeout:
             raise
         except sa.exc.SQLAlchemyError:
             # Another process (a second replica, `polyray clients` beside `polyray serve`) may be
             # creating the same schema right now; once it has, our upgrade is a no-op.
             time.sleep(1.0)
-            upgrade_schema(engine)
-    return engine
+            upgrade_schema(db)
+    return db
 
 
-def watchdog_of(engine: Engine) -> CallWatchdog | None:
-    """The engine's watchdog (PostgreSQL only), for its metric and to stop it on dispose."""
-    return _WATCHDOGS.get(engine)
+def watchdog_of(db: Database) -> CallWatchdog | None:
+    """The database's watchdog (PostgreSQL only), for its metric and to stop it on dispose."""
+    return _WATCHDOGS.get(db)
 
 
 def _private_sqlite_file(path: Path) -> None:
@@ -268,23 +272,21 @@ def _sqlite_pragmas(dbapi_connection: object, _: object) -> None:
     cursor.close()
 
 
-def upgrade_schema(engine: Engine) -> None:
+def upgrade_schema(db: Database) -> None:
     """Migrate to the newest schema; logs one line when something changed (Alembic's own are silenced)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    before = schema_version(engine)
-    with engine.begin() as connection:
+    before = schema_version(db)
+    with db.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
-    after = schema_version(engine)
+    after = schema_version(db)
     if after != before:
-        log.info(
-            "ledger schema %s -> %s (%s)", before or "empty", after, engine.url.render_as_string(hide_password=True)
-        )
+        log.info("ledger schema %s -> %s (%s)", before or "empty", after, db.url.render_as_string(hide_password=True))
 
 
-def schema_version(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+def schema_version(db: Database) -> str | None:
+    with db.connect() as conn:
         if not sa.inspect(conn).has_table("alembic_version"):
             return None
         return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one_or_none()
