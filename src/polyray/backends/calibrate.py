@@ -75,8 +75,6 @@ EDGE_TEXTS = (
 
 
 FIT_CACHE_FORMAT = 1
-# Set to 1 to measure at start even when a fit for this machine and build is cached.
-REFIT_ENV = "POLYRAY_REFIT"
 # Instruction-set flags that decide which kernels torch and ONNX Runtime run (a fit made with
 # AVX-512 or VNNI kernels says nothing about a CPU without them).
 _KERNEL_FLAGS = frozenset(
@@ -278,10 +276,6 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _refit_forced() -> bool:
-    return os.environ.get(REFIT_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
 class FitCache:
     """Measured budget curves on disk, one JSON file per key (see the module docstring).
 
@@ -365,6 +359,7 @@ class BudgetFitter:
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
         cache: FitCache | None = None,
+        reuse_cached: bool = True,
     ) -> None:
         self.policy = policy or FitPolicy()
         self.budgets = tuple(budgets)
@@ -378,13 +373,16 @@ class BudgetFitter:
         self._padding_free = False
         self._drift: DriftState | None = None
         self.cache = cache
+        # False: the first fit measures even when the cache holds a curve (the model's
+        # ``reuse_budget_fit``, or ``$POLYRAY_REFIT=1`` read by ``polyray.config``).
+        self.reuse_cached = reuse_cached
         self.from_cache = False  # the decision in force was made from a cached curve
         self._num_fits = 0
         self._key: dict[str, Any] | None = None
 
     def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision:
         """Measure and decide. The first call (at start) reuses a cached curve for this machine and
-        build when there is one and ``$POLYRAY_REFIT`` is not set; later calls (a refit on demand)
+        build when there is one and ``reuse_cached`` (``$POLYRAY_REFIT`` unset); later calls (a refit on demand)
         always measure, and every measurement replaces the cached one."""
         first = self._num_fits == 0
         self._num_fits += 1
@@ -393,7 +391,7 @@ class BudgetFitter:
         if first and self.cache is not None:
             self._key = self._cache_key(backend, base_policy)
         key = self._key
-        if self.cache is not None and key is not None and first and not _refit_forced():
+        if self.cache is not None and key is not None and first and self.reuse_cached:
             cached = self.cache.load(key)
             if cached is not None:
                 self._measured, self._fixed_cost_s, measured_at = cached
@@ -402,11 +400,10 @@ class BudgetFitter:
                 decision = self._decide(1.0)
                 log.info(
                     "batch budget for %s from the fit measured %s on this machine and build (%s); "
-                    "%s=1 or POST /v1/admin/models/{model}/fit measures again:\n%s",
+                    "POLYRAY_REFIT=1 or POST /v1/admin/models/{model}/fit measures again:\n%s",
                     self.name or backend.description,
                     measured_at,
                     self.cache.path(key),
-                    REFIT_ENV,
                     decision.table(),
                 )
                 return decision

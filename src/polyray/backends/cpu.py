@@ -14,7 +14,6 @@ int32 and need no headroom.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
 _WIDE_INT8_FLAGS = frozenset({"avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8"})
@@ -37,10 +36,8 @@ def weight_bits_for(machine: str, flags: frozenset[str]) -> int:
 
 @functools.cache
 def int8_weight_bits() -> int:
-    """Weight bits for this machine's int8 builds; ``POLYRAY_INT8_WEIGHT_BITS`` (7 or 8) overrides."""
-    override = os.environ.get("POLYRAY_INT8_WEIGHT_BITS")
-    if override in ("7", "8"):
-        return int(override)
+    """Weight bits for this machine's int8 builds (a model's ``int8_weight_bits`` overrides it:
+    ``[[models]]`` or ``$POLYRAY_INT8_WEIGHT_BITS``, read by ``polyray.config``)."""
     try:
         with open("/proc/cpuinfo") as fh:
             flags = cpu_flags(fh.read())

@@ -30,6 +30,7 @@ def build_backend(config: ModelConfig) -> Backend:
             max_seq_tokens=config.max_seq_tokens,
             cache_dir=config.cache_dir,
             min_cosine=config.min_cosine,
+            int8_weight_bits=config.int8_weight_bits,
         )
     from polyray.backends.torch import TorchBackend
 
@@ -49,6 +50,7 @@ def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
         FitPolicy(latency_target_ms=config.batch_latency_target_ms),
         name=f"{config.name}@{config.version}",
         cache=fit_cache(config),
+        reuse_cached=config.reuse_budget_fit,
     )
 
 

@@ -82,6 +82,7 @@ class OnnxBackend:
         min_cosine: float = 0.99,
         probe: Sequence[str] | None = None,
         spin: bool = True,
+        int8_weight_bits: int | None = None,
     ) -> None:
         if precision not in ("fp32", "int8"):
             raise ModelLoadError(f"the onnx backend has no precision {precision!r} (fp32, int8)")
@@ -97,7 +98,9 @@ class OnnxBackend:
             budget_tokens=1 << 30, max_batch_size=1 << 30, window=1 << 30, overhead_tokens=BUCKET_OVERHEAD_TOKENS
         )
         calibration_ids = [t.ids for t in self.tokenize(calibration_texts())] if precision == "int8" else []
-        self.build: Build = ensure_build(model_dir, precision, default_cache_root(cache_dir), calibration_ids)
+        self.build: Build = ensure_build(
+            model_dir, precision, default_cache_root(cache_dir), calibration_ids, weight_bits=int8_weight_bits
+        )
         try:
             self.session = ort.InferenceSession(
                 str(self.build.graph_path), session_options(threads, spin), providers=["CPUExecutionProvider"]

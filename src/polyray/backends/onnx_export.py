@@ -83,8 +83,9 @@ def weights_digest(model_dir: ModelDir) -> str:
 
 
 def default_cache_root(configured: str | None = None) -> Path:
-    """``cache_dir`` from the config, else ``$POLYRAY_CACHE_DIR``, else ``~/.cache/polyray`` (read when called)."""
-    root = configured or os.environ.get("POLYRAY_CACHE_DIR") or str(Path.home() / ".cache" / "polyray")
+    """``<cache_dir>/onnx``; ``cache_dir`` None: ``~/.cache/polyray`` (``polyray.config`` has
+    already put ``$POLYRAY_CACHE_DIR`` into the model's ``cache_dir`` when the file left it unset)."""
+    root = configured or str(Path.home() / ".cache" / "polyray")
     return Path(root).expanduser() / "onnx"
 
 
@@ -101,13 +102,13 @@ class Build:
         return self.directory / GRAPH_FILE
 
 
-def build_name(digest: str, precision: str) -> str:
+def build_name(digest: str, precision: str, weight_bits: int = 8) -> str:
     """The build directory's name; an int8 build also names its weight bits (``backends.cpu``)."""
-    tag = f"{precision}w{int8_weight_bits()}" if precision == "int8" else precision
+    tag = f"{precision}w{weight_bits}" if precision == "int8" else precision
     return f"{digest[:16]}-{exporter_id()}-{tag}"
 
 
-def _valid(directory: Path, digest: str, precision: str) -> dict[str, Any] | None:
+def _valid(directory: Path, digest: str, precision: str, weight_bits: int = 8) -> dict[str, Any] | None:
     """The build's metadata when the directory holds exactly the build we want, else None."""
     try:
         meta: dict[str, Any] = json.loads((directory / META_FILE).read_text())
@@ -116,7 +117,7 @@ def _valid(directory: Path, digest: str, precision: str) -> dict[str, Any] | Non
             meta.get("weights_sha256") == digest
             and meta.get("precision") == precision
             and meta.get("exporter") == exporter_id()
-            and (precision != "int8" or meta.get("weight_bits") == int8_weight_bits())
+            and (precision != "int8" or meta.get("weight_bits") == weight_bits)
             and graph.stat().st_size == meta.get("graph_bytes")
             and _sha256_file(graph) == meta.get("graph_sha256")
         ):
@@ -131,20 +132,23 @@ def ensure_build(
     precision: str,
     cache_root: Path,
     calibration_ids: Sequence[Sequence[int]] = (),
+    weight_bits: int | None = None,
 ) -> Build:
     """The build for ``model_dir`` at ``precision`` under ``cache_root``, exporting it if absent.
 
     ``calibration_ids`` (token ids) are needed for int8 only: SmoothQuant's activation ranges.
+    ``weight_bits`` (int8: 7 or 8) None: what this CPU needs (``backends.cpu.int8_weight_bits``).
     """
+    bits = weight_bits if weight_bits is not None else int8_weight_bits()
     digest = weights_digest(model_dir)
-    final = cache_root / build_name(digest, precision)
-    meta = _valid(final, digest, precision)
+    final = cache_root / build_name(digest, precision, bits)
+    meta = _valid(final, digest, precision, bits)
     if meta is not None:
         log.info("reusing ONNX build %s", final)
         return Build(final, meta, reused=True)
     # Another process may have published the build since the look above (it was absent then):
     # look again before calling the directory damaged, or we would delete a good build in use.
-    if final.exists() and (meta := _valid(final, digest, precision)) is not None:
+    if final.exists() and (meta := _valid(final, digest, precision, bits)) is not None:
         return Build(final, meta, reused=True)
     if final.exists():  # a damaged or foreign directory: move it aside, never build into it
         aside = final.with_name(f".broken-{final.name}-{os.getpid()}-{time.time_ns()}")
@@ -156,7 +160,7 @@ def ensure_build(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_root))
     try:
         started = time.perf_counter()
-        extra = _export(model_dir, precision, tmp / GRAPH_FILE, calibration_ids)
+        extra = _export(model_dir, precision, tmp / GRAPH_FILE, calibration_ids, bits)
         graph = tmp / GRAPH_FILE
         meta = {
             "weights_sha256": digest,
@@ -169,7 +173,7 @@ def ensure_build(
             "graph_bytes": graph.stat().st_size,
             "graph_sha256": _sha256_file(graph),
             "build_s": round(time.perf_counter() - started, 3),
-            **({"weight_bits": int8_weight_bits()} if precision == "int8" else {}),
+            **({"weight_bits": bits} if precision == "int8" else {}),
             **extra,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -177,7 +181,7 @@ def ensure_build(
             tmp.rename(final)
         except OSError:
             # Lost the race: another process renamed a complete build into place first.
-            winner = _valid(final, digest, precision)
+            winner = _valid(final, digest, precision, bits)
             if winner is None:
                 raise
             log.info("another process built %s first; using its build", final)
@@ -188,7 +192,9 @@ def ensure_build(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(model_dir: ModelDir, precision: str, out: Path, calibration_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+def _export(
+    model_dir: ModelDir, precision: str, out: Path, calibration_ids: Sequence[Sequence[int]], weight_bits: int
+) -> dict[str, Any]:
     """Write the graph for ``precision`` to ``out``; returns facts for ``meta.json``."""
     if precision == "fp32":
         export_fp32(model_dir, out, load_export_model(model_dir))
@@ -202,7 +208,6 @@ def _export(model_dir: ModelDir, precision: str, out: Path, calibration_ids: Seq
         num_smoothed = calibrate_and_smooth(model, calibration_ids, SMOOTH_ALPHA)
         smoothed = out.with_name("smoothed-fp32.onnx")
         export_fp32(model_dir, smoothed, model)
-        weight_bits = int8_weight_bits()
         num_per_tensor, num_per_token = quantize_int8(smoothed, out, per_token_width(model), weight_bits)
         smoothed.unlink()
         return {
@@ -218,8 +223,9 @@ def _export(model_dir: ModelDir, precision: str, out: Path, calibration_ids: Seq
 
 
 def load_export_model(model_dir: ModelDir) -> Any:
-    """The HF model with eager attention: its plain MatMul/Softmax graph is what ORT's fusions know."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """The HF model with eager attention: its plain MatMul/Softmax graph is what ORT's fusions know.
+
+    Local files only (``local_files_only``): a model directory never reaches a hub."""
     from transformers import AutoModel
 
     path = str(model_dir.transformer_path)

@@ -19,12 +19,8 @@ a long ``encode`` on a helper thread still stalls the event loop).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer

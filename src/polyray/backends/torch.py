@@ -1,7 +1,8 @@
 """PyTorch CPU backend: the model's own tokenizer, transformer, pooling and normalization.
 
 Loads any local sentence-transformers or Hugging Face directory (see ``registry.model_dir``) with
-``transformers`` and never reaches a hub: ``HF_HUB_OFFLINE`` is forced on before import. The
+``transformers`` and never reaches a hub: every load is ``local_files_only`` (the process's
+environment is left alone: nothing is set at import). The
 forward pass runs under ``inference_mode`` with SDPA attention on a right-padded batch; pooling
 follows the directory's Pooling module and L2 normalization its Normalize module, so the output
 equals sentence-transformers' ``encode`` of the same model. For BERT encoders the default
@@ -11,11 +12,7 @@ cross-request batches of mixed lengths run as fast as a length-sorted offline ba
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import numpy as np
 import torch

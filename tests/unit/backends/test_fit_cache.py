@@ -36,7 +36,9 @@ class CountingDummy(DummyBackend):
         return super().encode(batch)
 
 
-def fitter(directory: Path, identity: dict[str, Any] | None = None, digest: str = "w1") -> BudgetFitter:
+def fitter(
+    directory: Path, identity: dict[str, Any] | None = None, digest: str = "w1", reuse_cached: bool = True
+) -> BudgetFitter:
     return BudgetFitter(
         FitPolicy(latency_target_ms=50),
         budgets=(64, 256, 1024),
@@ -44,6 +46,7 @@ def fitter(directory: Path, identity: dict[str, Any] | None = None, digest: str 
         corpus=probe_texts(32),
         name="dummy@1",
         cache=FitCache(directory, identity or IDENTITY, lambda: digest),
+        reuse_cached=reuse_cached,
     )
 
 
@@ -51,11 +54,6 @@ def fit_calls(f: BudgetFitter, policy: BatchPolicy | None = None) -> int:
     backend = CountingDummy()
     f.fit(backend, policy or BatchPolicy())
     return backend.num_calls
-
-
-@pytest.fixture(autouse=True)
-def no_forced_refit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(calibrate.REFIT_ENV, raising=False)
 
 
 def test_the_next_start_reuses_the_measured_curve(tmp_path: Path) -> None:
@@ -98,10 +96,11 @@ def test_another_planner_window_measures_again(tmp_path: Path) -> None:
     assert fit_calls(fitter(tmp_path), BatchPolicy(window=32)) > 0
 
 
-def test_refit_env_forces_a_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reuse_off_forces_a_measurement(tmp_path: Path) -> None:
+    """``reuse_budget_fit = false`` (or ``$POLYRAY_REFIT=1``, mapped onto it by polyray.config)."""
     assert fit_calls(fitter(tmp_path)) > 0
-    monkeypatch.setenv(calibrate.REFIT_ENV, "1")
-    assert fit_calls(fitter(tmp_path)) > 0
+    assert fit_calls(fitter(tmp_path)) == 0  # the kept curve is used ...
+    assert fit_calls(fitter(tmp_path, reuse_cached=False)) > 0  # ... unless told to measure
 
 
 def test_a_refit_on_demand_measures_and_is_what_the_next_start_reads(tmp_path: Path) -> None:
