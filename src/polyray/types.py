@@ -51,3 +51,24 @@ class EmbedResult:
     vectors: np.ndarray  # float32, shape (len(texts), dim), row i answers texts[i]
     usage: Usage
     truncated: tuple[int, ...] = field(default=())  # indices of texts cut to the model's maximum
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """Usage to add to a client's account: one answered request, or a compute charge alone.
+
+    The engine charges compute where it is measured (per batch, per tokenization) with
+    ``num_requests=0`` records, so compute is charged even for a request whose caller left, and
+    the charged total equals the measured total exactly. Here, not in ``tenancy``, because the
+    usage ledger and the metrics both consume the same records and neither should import the other.
+    """
+
+    client: str
+    model: str
+    version: str
+    at_wall_s: float
+    num_requests: int = 0
+    num_texts: int = 0
+    num_cached: int = 0
+    num_tokens: int = 0
+    compute_ns: int = 0

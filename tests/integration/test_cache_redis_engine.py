@@ -23,8 +23,7 @@ from polyray.config import ServerConfig
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.tenancy.accounts import Accounts
-from polyray.tenancy.ledger import UsageRecord
-from polyray.types import EmbedRequest, EmbedResult, ModelRef
+from polyray.types import EmbedRequest, EmbedResult, ModelRef, UsageRecord
 
 pytestmark = pytest.mark.integration
 

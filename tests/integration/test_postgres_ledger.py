@@ -27,10 +27,11 @@ from polyray.db.connection import Database, open_database, schema_version
 from polyray.db.schema import metadata, usage, usage_batches
 from polyray.errors import Forbidden, Unauthenticated
 from polyray.tenancy.directory import ClientDirectory
-from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRecord, UsageRow, apply_batch, compute_s_today
+from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRow, apply_batch, compute_s_today
 from polyray.tenancy.model import PriorityClass, Quota
 from polyray.tenancy.reports import usage_totals
 from polyray.tenancy.store import ClientStore
+from polyray.types import UsageRecord
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from polyray.tenancy.ledger import UsageRecord
-from polyray.types import ModelRef
+from polyray.types import ModelRef, UsageRecord
 
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

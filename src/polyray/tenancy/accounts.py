@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from polyray.tenancy.ledger import UsageRecord
 from polyray.tenancy.model import Client
 from polyray.tenancy.quotas import QuotaTracker
-from polyray.types import ModelRef
+from polyray.types import ModelRef, UsageRecord
 
 ANONYMOUS = "anonymous"
 UsageSink = Callable[[UsageRecord], None]

@@ -41,7 +41,8 @@ from pathlib import Path
 import orjson
 
 from polyray.config import ConfigError
-from polyray.tenancy.ledger import UsageAggregator, UsageBatch, UsageRecord
+from polyray.tenancy.ledger import UsageAggregator, UsageBatch
+from polyray.types import UsageRecord
 
 log = logging.getLogger(__name__)
 

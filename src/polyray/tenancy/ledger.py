@@ -39,31 +39,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from polyray.db.connection import DEFAULT_DB_TIMEOUT_S, Database, call_with_deadline
 from polyray.db.schema import usage, usage_batches
+from polyray.types import UsageRecord
 
 if TYPE_CHECKING:
     from polyray.tenancy.journal import UsageJournal
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """Usage to add to a client's account: one answered request, or a compute charge alone.
-
-    The engine charges compute where it is measured (per batch, per tokenization) with
-    ``num_requests=0`` records, so compute is charged even for a request whose caller left, and
-    the charged total equals the measured total exactly.
-    """
-
-    client: str
-    model: str
-    version: str
-    at_wall_s: float
-    num_requests: int = 0
-    num_texts: int = 0
-    num_cached: int = 0
-    num_tokens: int = 0
-    compute_ns: int = 0
 
 
 @dataclass

@@ -19,9 +19,10 @@ from polyray.db.connection import Database, open_database, watchdog_of
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.directory import ClientDirectory
 from polyray.tenancy.journal import UsageJournal
-from polyray.tenancy.ledger import UsageLedger, UsageRecord, compute_s_today
+from polyray.tenancy.ledger import UsageLedger, compute_s_today
 from polyray.tenancy.model import PriorityClass
 from polyray.tenancy.store import ClientStore
+from polyray.types import UsageRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from polyray.config import ConfigError, TenancyConfig, load_settings
 from polyray.db.connection import Database, DatabaseTimeout, call_with_deadline, open_database
 from polyray.db.schema import usage
 from polyray.tenancy.journal import UsageJournal
-from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, UsageRecord, apply_batch
+from polyray.tenancy.ledger import Spool, UsageBatch, UsageLedger, apply_batch
 from polyray.tenancy.service import journal_dir
+from polyray.types import UsageRecord
 
 T0 = 1_767_610_000.0
 Totals = tuple[int, int, int, int, int]
@@ -76,7 +77,8 @@ KILLED_CHILD = textwrap.dedent(
     from pathlib import Path
     from polyray.db.connection import open_database
     from polyray.tenancy.journal import UsageJournal
-    from polyray.tenancy.ledger import UsageLedger, UsageRecord
+    from polyray.tenancy.ledger import UsageLedger
+    from polyray.types import UsageRecord
     from polyray.tenancy.service import journal_dir
 
     home, n, with_journal = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"

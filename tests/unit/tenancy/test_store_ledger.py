@@ -28,7 +28,6 @@ from polyray.tenancy.ledger import (
     UsageAggregator,
     UsageBatch,
     UsageLedger,
-    UsageRecord,
     UsageRow,
     apply_batch,
     compute_s_today,
@@ -37,6 +36,7 @@ from polyray.tenancy.model import PriorityClass, Quota
 from polyray.tenancy.reports import usage_totals
 from polyray.tenancy.service import FIRST_CLIENT, Tenancy
 from polyray.tenancy.store import ClientStore
+from polyray.types import UsageRecord
 
 T0 = datetime(2026, 1, 5, 10, 30, 15, tzinfo=UTC).timestamp()
 DAY_START = datetime(2026, 1, 5, tzinfo=UTC)
