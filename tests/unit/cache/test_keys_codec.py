@@ -6,7 +6,7 @@ import unicodedata
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -42,11 +42,19 @@ def test_text_is_exact_not_normalized() -> None:
     assert cache_key(REF, "l2", composed) != cache_key(REF, "l2", decomposed)
 
 
-@given(st.text(max_size=8), st.text(max_size=8), st.text(max_size=8), st.text(max_size=8))
-def test_length_prefixing_makes_splits_unambiguous(a: str, b: str, c: str, d: str) -> None:
+@given(st.text(min_size=2, max_size=16), st.integers(1, 15), st.integers(1, 15))
+def test_length_prefixing_makes_splits_unambiguous(chars: str, i: int, j: int) -> None:
     """Different (name, version) splits of the same characters never collide."""
-    if (a, b) != (c, d) and a and b and c and d:
-        assert cache_key(ModelRef(a, b), "x", "t") != cache_key(ModelRef(c, d), "x", "t")
+    assume(i < len(chars) and j < len(chars) and i != j)
+    one, other = ModelRef(chars[:i], chars[i:]), ModelRef(chars[:j], chars[j:])
+    assert cache_key(one, "x", "t") != cache_key(other, "x", "t")
+
+
+@given(st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=8))
+def test_distinct_refs_never_share_a_key(a: str, b: str, c: str) -> None:
+    assume(a != c)
+    assert cache_key(ModelRef(a, b), "x", "t") != cache_key(ModelRef(c, b), "x", "t")
+    assert cache_key(ModelRef(b, a), "x", "t") != cache_key(ModelRef(b, c), "x", "t")
 
 
 def test_lone_surrogates_are_keys_too() -> None:

@@ -191,7 +191,10 @@ def test_never_above_capacity_and_gets_return_what_was_put(
             got = c.get(key)
             assert got is None or got == last[key]
         assert c.bytes_used + c.filter_bytes <= max(c.capacity_bytes, c.filter_bytes)
-        assert c.bytes_used >= 0 and len(c) >= 0
+        # The accounting is the entries held: every held key was put, and charges key + value + overhead.
+        held = [key for key in last if key in c]
+        assert len(c) == len(held)
+        assert c.bytes_used == sum(len(key) + len(last[key]) + 8 for key in held)
     s = c.stats()
     assert s.num_hits + s.num_misses == sum(1 for op, _, _ in operations if op == "get")
 
