@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
-import uvicorn
+from server_support import serve_in_thread
 
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
@@ -38,25 +37,25 @@ class GatedBackend(DummyBackend):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, GatedBackend, Metrics]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     backend = GatedBackend()
     settings = Settings()
     metrics = Metrics()
     engine = Engine({ModelRef("minilm", "1"): backend}, BatchPolicy(max_wait_ms=0), ServerConfig(), metrics)
     app = create_app(engine, settings, metrics, warmup=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"127.0.0.1:{port}", backend, metrics
-    backend.gate.set()
-    srv.should_exit = True
-    thread.join(timeout=30)
+    try:
+        with serve_in_thread(app) as url:
+            yield url.removeprefix("http://"), backend, metrics
+    finally:
+        backend.gate.set()  # a failed test must not leave the worker blocked for the gate's 30 s
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; the bound is generous (a slow machine passes) and a
+    failure says what never happened, instead of a fixed sleep that hopes it did."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 def _post(address: str, text: str) -> bytes:
@@ -72,6 +71,15 @@ def _dropped(metrics: Metrics, reason: str) -> float:
     return value or 0.0
 
 
+def _queued(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("polyray_queue_depth", {"model": "minilm@1"}) or 0.0
+
+
+def _disconnected(metrics: Metrics) -> float:
+    labels = {"route": "/v1/embeddings", "outcome": "disconnected"}
+    return metrics.registry.get_sample_value("polyray_requests_total", labels) or 0.0
+
+
 def test_disconnected_caller_is_dropped_before_compute(server: tuple[str, GatedBackend, Metrics]) -> None:
     address, backend, metrics = server
     host, port = address.split(":")
@@ -81,18 +89,16 @@ def test_disconnected_caller_is_dropped_before_compute(server: tuple[str, GatedB
         first_reader, first_writer = await asyncio.open_connection(host, int(port))
         first_writer.write(_post(address, "occupies the worker"))
         await first_writer.drain()
-        for _ in range(200):
-            if backend.seen:
-                break
-            await asyncio.sleep(0.01)
-        assert backend.seen, "the first request never reached the backend"
+        await wait_until(lambda: bool(backend.seen), "the first request reaching the backend")
         # 2. A second caller sends its request and hangs up while it waits in the queue.
         _, quitter = await asyncio.open_connection(host, int(port))
         quitter.write(_post(address, "this caller leaves early"))
         await quitter.drain()
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: _queued(metrics) == 1, "the second request waiting in the queue")
         quitter.close()
-        await asyncio.sleep(0.3)
+        # The route counts the hang-up after cancelling the request's engine task; the worker's
+        # next look at the queue is scheduled on the same loop only after the gate opens below.
+        await wait_until(lambda: _disconnected(metrics) == 1, "the server noticing the hang-up")
         # 3. Release the worker; the first caller is answered.
         backend.gate.set()
         status_line = await asyncio.wait_for(first_reader.readline(), timeout=10)
