@@ -5,9 +5,6 @@ One server for the module (a subprocess on the dummy backend, two versions ``min
 (``default``) trains heads, a second client ``bob`` (made through the admin API) checks sharing.
 Dummy vectors carry no meaning, so these tests check the CLI's mechanics: requests, progress,
 tables, JSON, exit codes and one-line errors; ``test_heads_real_model.py`` checks learning.
-
-NOTE: these tests need ``polyray heads`` registered in ``polyray.cli.build_parser``
-(``polyray.cli_heads.add_heads_commands``); until it is, the whole module is skipped.
 """
 
 from __future__ import annotations
@@ -30,21 +27,6 @@ from polyray.heads.datasets import load_topics
 READY_TIMEOUT_S = 60
 DIM = 32
 TOPICS = sorted({row["label"] for row in load_topics()})
-
-
-def _heads_registered() -> bool:
-    from polyray.cli import build_parser
-
-    try:
-        build_parser().parse_args(["heads", "list"])
-    except SystemExit:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _heads_registered(), reason="`polyray heads` is not registered in polyray.cli yet (add_heads_commands)"
-)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polyray import cli
-from polyray.cli import build_parser, join_dash_values
+from polyray.cli import build_parser, embed, join_dash_values
 from polyray.config import ModelConfig, Settings
 
 
@@ -63,9 +63,16 @@ def test_embed_fits_no_batch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     fitted = Settings(
         models=(ModelConfig(backend="dummy", fit_batch_budget=True), ModelConfig(name="b", backend="dummy"))
     )
-    monkeypatch.setattr(cli, "_load", lambda config: fitted)
+    monkeypatch.setattr(embed, "load_checked_settings", lambda config: fitted)
     monkeypatch.setattr("polyray.engine.build.build_engine", fake_build_engine)
     with pytest.raises(Stop):
-        cli.cmd_embed(argparse.Namespace(config=None, model="minilm", texts=["a", "b"]))
+        embed.cmd_embed(argparse.Namespace(config=None, model="minilm", texts=["a", "b"]))
     assert [m.fit_batch_budget for m in seen[0].models] == [False, False]
     assert [m.name for m in seen[0].models] == ["minilm", "b"]
+
+
+def test_every_command_group_is_registered_in_help_order() -> None:
+    """One module per group under ``polyray.cli``; moving them must not drop or reorder a command."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(commands.choices) == ["serve", "embed", "bench", "clients", "usage", "heads"]

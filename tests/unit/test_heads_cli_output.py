@@ -18,7 +18,7 @@ import pytest
 from test_client import error_body, head_view
 
 import polyray.client
-from polyray.cli_heads import ProgressBar, _option, add_heads_commands
+from polyray.cli.heads import ProgressBar, _option, register
 from polyray.client import Head
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -37,7 +37,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, handler: Handler, *argv: str) -> tu
 
     monkeypatch.setattr(polyray.client, "Client", client)
     parser = argparse.ArgumentParser(prog="polyray")
-    add_heads_commands(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["heads", *argv])
     return int(args.func(args)), seen
 

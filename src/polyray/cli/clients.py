@@ -1,20 +1,21 @@
-"""``polyray clients ...`` and ``polyray usage report``: operate on the database directly.
+"""``polyray clients ...``: create clients, set their quotas, issue and revoke keys.
 
-They need no running server (a running one sees changes within its ``refresh_interval_s``).
-The database is the one the config names (``--config``), or ``--database-url``.
+Works on the database directly (see ``polyray.cli.database``), so an operator can manage
+clients before the first ``polyray serve`` and without an admin key.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from polyray.config import TenancyConfig, database_url, load_settings
+from polyray.cli.database import database_options, open_sql_engine
 from polyray.errors import InvalidRequest
 from polyray.tenancy.model import Client, PriorityClass, Quota
 from polyray.tenancy.store import ClientStore
+
+if TYPE_CHECKING:
+    from polyray.cli.common import Subcommands
 
 _QUOTA_FLAGS = (
     ("requests_per_s", float),
@@ -22,19 +23,6 @@ _QUOTA_FLAGS = (
     ("max_concurrent", int),
     ("daily_compute_s", float),
 )
-
-
-def _db_url(args: argparse.Namespace) -> str:
-    if args.database_url:
-        return str(args.database_url)
-    config = load_settings(args.config).tenancy if args.config else TenancyConfig()
-    return database_url(config)
-
-
-def _store(args: argparse.Namespace) -> ClientStore:
-    from polyray.tenancy.db import open_database
-
-    return ClientStore(open_database(_db_url(args)))
 
 
 def _limit(kind: type) -> Any:
@@ -63,6 +51,8 @@ def _quota_from(args: argparse.Namespace, base: Quota) -> Quota:
         raise InvalidRequest(str(exc)) from None
 
 
+# The default of every quota flag: "not given" (keep the current value), which None cannot say
+# because None means "unlimited".
 _UNSET: Any = object()
 
 
@@ -84,7 +74,7 @@ def _print_clients(clients: list[Client]) -> None:
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = ClientStore(open_sql_engine(args))
     action = args.action
     if action == "create":
         client, key = store.create_client(
@@ -113,49 +103,12 @@ def cmd_clients(args: argparse.Namespace) -> int:
         print(f"all earlier keys of {args.name!r} are revoked; new api key (shown once): {key}")
     elif action == "admin-key":
         print(f"new admin key (shown once, stored hashed): {store.create_admin_key()}")
-    store.engine.dispose()
+    store.db.dispose()
     return 0
 
 
-def _since(text: str) -> datetime:
-    from polyray.timewindow import parse_time
-
-    moment = parse_time(text, "--since", None)
-    assert moment is not None
-    return moment
-
-
-def cmd_usage(args: argparse.Namespace) -> int:
-    from polyray.tenancy.db import open_database
-    from polyray.tenancy.reports import usage_totals
-
-    engine = open_database(_db_url(args))
-    since = _since(args.since) if args.since else datetime.now(UTC) - timedelta(days=1)
-    until = _since(args.until) if args.until else None
-    totals = usage_totals(engine, since, until, args.by, args.client)
-    engine.dispose()
-    print(
-        f"usage since {since:%Y-%m-%d %H:%M}Z"
-        + (f" until {until:%Y-%m-%d %H:%M}Z" if until else "")
-        + f", by {args.by}"
-    )
-    print(f"{args.by:<28} {'requests':>10} {'texts':>10} {'cached':>8} {'tokens':>12} {'compute s':>11} {'share':>6}")
-    total_s = sum(t.compute_s for t in totals) or 1.0
-    for t in totals:
-        print(
-            f"{t.group:<28} {t.num_requests:>10} {t.num_texts:>10} {t.num_cached:>8} {t.num_tokens:>12} "
-            f"{t.compute_s:>11.3f} {t.compute_s / total_s:>6.1%}"
-        )
-    if not totals:
-        print("(no usage in this range)", file=sys.stderr)
-    return 0
-
-
-def add_tenancy_commands(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config whose [tenancy] names the database")
-    common.add_argument("--database-url", help="e.g. sqlite:///path/polyray.db or postgresql://user@host/db")
-
+def register(sub: Subcommands) -> None:
+    common = database_options()
     clients = sub.add_parser("clients", help="manage clients, quotas and API keys")
     actions = clients.add_subparsers(dest="action", required=True)
     quota = argparse.ArgumentParser(add_help=False)
@@ -185,14 +138,3 @@ def add_tenancy_commands(sub: Any) -> None:
     set_quota.add_argument("--share", type=float)
     actions.add_parser("admin-key", parents=[common], help="create another admin key")
     clients.set_defaults(func=cmd_clients)
-
-    usage = sub.add_parser("usage", help="usage reports from the ledger")
-    usage_actions = usage.add_subparsers(dest="action", required=True)
-    report = usage_actions.add_parser("report", parents=[common], help="usage totals for a time range")
-    report.add_argument(
-        "--since", help="ISO date/time (UTC) or relative: --since -7d, --since -24h, --since 2026-01-31 (default -24h)"
-    )
-    report.add_argument("--until", help="ISO date/time (UTC) or relative, e.g. --until -1h")
-    report.add_argument("--by", choices=["client", "model", "day", "minute"], default="client")
-    report.add_argument("--client", help="only this client")
-    usage.set_defaults(func=cmd_usage)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from polyray.cli.common import Subcommands
     from polyray.client import Client, Head
 
 URL_ENV = "POLYRAY_URL"
@@ -239,7 +240,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
             return _ACTIONS[args.action](client, args)
     except PolyrayClientError as exc:
         print(f"polyray: {exc.type}: {exc.message}", file=sys.stderr)
-    except BrokenPipeError:  # the reader of stdout left (``| head``): not a bad request; ``cli.main`` ends quietly
+    except BrokenPipeError:  # the reader of stdout left (``| head``): not a bad request; ``main`` ends quietly
         raise
     except (OSError, ValueError) as exc:  # an unreadable or malformed --data file
         print(f"polyray: invalid_request: {exc}", file=sys.stderr)
@@ -262,7 +263,7 @@ def _connection_options(suppress: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def add_heads_commands(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     """Register ``polyray heads`` on the top-level sub-parsers."""
     heads = sub.add_parser(
         "heads", parents=[_connection_options(False)], help="train, share and apply task heads (through the HTTP API)"
