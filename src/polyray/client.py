@@ -10,7 +10,8 @@ Decisions worth knowing:
 
 * The client does not import the server (``polyray.heads``, ``polyray.api``): it must work from
   a thin install talking to a remote server, and stay tolerant of a newer server (a head kind or
-  status it does not know is kept as a plain string, never an enum error).
+  status it does not know is kept as a plain string, never an enum error). It does import
+  ``polyray.errors`` (standard library only) for the one kind→status table the server answers by.
 * ``{head}`` in a path is an id, a name, or ``owner/name``; it is URL-quoted with the slash kept,
   because the server's route takes ``owner/name`` as a path with a slash.
 * Waiting for training polls ``GET /v1/heads/{id}`` by *id*, not by name: a retrain creates a
@@ -37,22 +38,14 @@ import httpx
 import numpy as np
 
 from polyray import __version__
+from polyray.errors import KIND_BY_STATUS, RETRY_AFTER_KINDS, STATUS_BY_KIND
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "POLYRAY_API_KEY"
 TERMINAL_STATUSES = frozenset({"ready", "failed"})
 # While waiting for training, a quota (429) or a busy server (503) is a reason to poll later, not
 # to abandon a job that is running fine on the server.
-_RETRY_WHILE_WAITING = frozenset({429, 503})
-_TYPE_BY_STATUS = {
-    400: "invalid_request",
-    401: "unauthenticated",
-    403: "forbidden",
-    404: "not_found",
-    413: "too_large",
-    429: "rate_limited",
-    503: "overloaded",
-}
+_RETRY_WHILE_WAITING = frozenset(STATUS_BY_KIND[kind] for kind in RETRY_AFTER_KINDS)
 
 Examples = Sequence[Mapping[str, Any]] | str | os.PathLike[str]
 ProgressCallback = Callable[["Head"], None]
@@ -520,7 +513,9 @@ def _retry_after_s(response: httpx.Response) -> float | None:
 
 def _api_error(response: httpx.Response) -> PolyrayAPIError:
     status = response.status_code
-    fallback_type = _TYPE_BY_STATUS.get(status, "backend_error" if status >= 500 else "http_error")
+    # Without polyray's error body (a proxy answered): the table read backwards, else by class.
+    known = KIND_BY_STATUS.get(status)
+    fallback_type = known.value if known is not None else ("backend_error" if status >= 500 else "http_error")
     error: Any = None
     try:
         payload = response.json()

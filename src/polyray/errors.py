@@ -13,12 +13,17 @@
     └── ModelLoadError           (start-up only: a model directory is missing or broken)
 
 Engine code raises these and never an HTTP status, so the same errors serve the CLI, the
-in-process client and, later, the Ray client.
+in-process client and, later, the Ray client. The statuses above are ``STATUS_BY_KIND``, the one
+kind→status table (DESIGN.md, "Errors: one table"): the API answers with it and the SDK
+(``polyray.client``) reads a status back with ``KIND_BY_STATUS``; neither keeps a copy. This
+module imports nothing but the standard library, so the SDK can import it from a thin install.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from types import MappingProxyType
 
 
 class ErrorKind(StrEnum):
@@ -30,6 +35,26 @@ class ErrorKind(StrEnum):
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
     BACKEND_ERROR = "backend_error"
+
+
+STATUS_BY_KIND: Mapping[ErrorKind, int] = MappingProxyType(
+    {
+        ErrorKind.INVALID_REQUEST: 400,
+        ErrorKind.TOO_LARGE: 413,
+        ErrorKind.UNAUTHENTICATED: 401,
+        ErrorKind.FORBIDDEN: 403,
+        ErrorKind.NOT_FOUND: 404,
+        ErrorKind.RATE_LIMITED: 429,
+        ErrorKind.OVERLOADED: 503,
+        ErrorKind.BACKEND_ERROR: 500,
+    }
+)
+# The table read backwards: one kind per status (the statuses are distinct, a test pins it), so a
+# status alone, e.g. from a proxy that answered without polyray's error body, names its kind.
+KIND_BY_STATUS: Mapping[int, ErrorKind] = MappingProxyType({status: kind for kind, status in STATUS_BY_KIND.items()})
+# Kinds whose answer says when to come back (``Retry-After``): the refusal is about load or a
+# quota, not the request, so the same request later can succeed.
+RETRY_AFTER_KINDS: frozenset[ErrorKind] = frozenset({ErrorKind.RATE_LIMITED, ErrorKind.OVERLOADED})
 
 
 class PolyrayError(Exception):

@@ -1,4 +1,9 @@
-"""The one error→status table (DESIGN.md) and the OpenAI-shaped error body."""
+"""The OpenAI-shaped error body, with the status of ``polyray.errors.STATUS_BY_KIND``.
+
+The kind→status table itself lives in ``polyray.errors`` (the SDK reads statuses back with the
+same table); this module adds the HTTP-only parts: headers, the body, and Starlette's own errors
+(unknown route 404, wrong method 405, validation 422), named by the table read backwards.
+"""
 
 from __future__ import annotations
 
@@ -15,27 +20,9 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from polyray.api.body import on_client_gone
-from polyray.errors import ErrorKind, PolyrayError
+from polyray.errors import KIND_BY_STATUS, RETRY_AFTER_KINDS, STATUS_BY_KIND, ErrorKind, PolyrayError
 
 log = logging.getLogger(__name__)
-
-STATUS_BY_KIND: dict[ErrorKind, int] = {
-    ErrorKind.INVALID_REQUEST: 400,
-    ErrorKind.TOO_LARGE: 413,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.FORBIDDEN: 403,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.RATE_LIMITED: 429,
-    ErrorKind.OVERLOADED: 503,
-    ErrorKind.BACKEND_ERROR: 500,
-}
-_KIND_BY_STATUS = {
-    400: ErrorKind.INVALID_REQUEST,
-    404: ErrorKind.NOT_FOUND,
-    405: ErrorKind.INVALID_REQUEST,
-    413: ErrorKind.TOO_LARGE,
-    422: ErrorKind.INVALID_REQUEST,
-}
 
 
 def error_response(
@@ -50,7 +37,7 @@ def error_response(
 ) -> Response:
     body = {"error": {"message": message, "type": kind.value, "code": code or kind.value, "param": param}}
     headers = dict(headers or {})
-    if retry_after_s is not None or kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
+    if retry_after_s is not None or kind in RETRY_AFTER_KINDS:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
     if kind is ErrorKind.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = 'Bearer realm="polyray"'
@@ -100,7 +87,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        kind = _KIND_BY_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
+        # A status outside the table (405, 422) is still the request's fault: invalid_request.
+        kind = KIND_BY_STATUS.get(exc.status_code, ErrorKind.INVALID_REQUEST)
         message = f"{exc.detail} ({request.method} {request.url.path})"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
