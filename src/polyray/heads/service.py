@@ -8,6 +8,14 @@ it calls the engine for embeddings, the store for persistence and ``Accounts`` f
   owner - batched, fair-queued, cached and charged like any request - then fits in a thread and
   stores the parameters. Status and progress go to the store, so any replica (and the CLI's
   progress bar) sees them. Jobs left pending or training by a stopped server are resumed at start.
+* **Quotas**: the queue is shared by every client, so a job never waits long on its owner's
+  quota. An owner out of ``daily_compute_s`` (or refused by any of its own limits for longer
+  than ``max_quota_wait_s`` in all) fails its own job at once, status ``failed`` with an error
+  starting ``quota_exhausted (<limit>)``, and the queue goes on to the next job; retraining the
+  failed head on its own version queues it again once the quota allows. A short refusal (its
+  ``requests_per_s``, ``tokens_per_s``, ``max_concurrent`` or fair-share queue limit) is waited
+  out within that bound. A full server (``Overloaded``) is waited out without a bound: it refuses
+  every owner alike, so waiting takes nothing from the other jobs.
 * **Names**: a caller names a head by ``name`` (its own), ``owner/name`` (shared with it) or
   its id. A name may exist for several model versions; the request's model picks one. Another
   client's private head is 403, a head bound to another version than asked for is 400
@@ -51,6 +59,11 @@ TRAIN_CHUNK_TEXTS = 64  # texts per embedding request of a training job
 EMBED_PROGRESS = 0.8  # embedding the examples is this share of a job's progress; fitting the rest
 PROGRESS_INTERVAL_S = 0.5  # at most this often a job writes its progress
 MAX_STACKS = 256  # distinct head sets kept stacked
+# The longest a training job waits, in all, on its owner's short-term limits before it fails
+# (``quota_exhausted``): meanwhile every other client's job waits behind it.
+MAX_QUOTA_WAIT_S = 60.0
+# Limits that do not recover within a job's wait: fail at once, whatever the wait bound.
+_LONG_TERM_LIMITS = frozenset({"daily_compute_s"})
 
 
 class Embedder(Protocol):
@@ -85,11 +98,13 @@ class HeadService:
         accounts: Accounts,
         refresh_interval_s: float = 1.0,
         dims: Mapping[ModelRef, int] | None = None,
+        max_quota_wait_s: float = MAX_QUOTA_WAIT_S,
     ) -> None:
         self.store = store
         self.engine = engine
         self.accounts = accounts
         self.refresh_interval_s = refresh_interval_s
+        self.max_quota_wait_s = max_quota_wait_s
         self.dims = dict(dims or {})
         self.measured_heads_ns = 0  # Σ of every measured application and fit (the conservation check)
         self._index: dict[str, HeadSpec] = {}
@@ -249,9 +264,15 @@ class HeadService:
         return spec
 
     async def retrain(self, client: str, name: str, model: str, source_model: str | None = None) -> HeadSpec:
-        """A new head of the same name bound to ``model``, trained from the stored examples."""
+        """A new head of the same name bound to ``model``, trained from the stored examples; a
+        failed head retrained on its own version is queued again in place (after a quota ran out)."""
         source = self.own(client, name, self.engine.resolve(source_model) if source_model else None)
         ref = self.engine.resolve(model)
+        if source.model == ref and source.status is HeadStatus.FAILED:
+            await asyncio.to_thread(self.store.set_progress, source.head_id, HeadStatus.PENDING, 0.0)
+            await self._reload()
+            self._schedule(source.head_id)
+            return await asyncio.to_thread(self.store.get, source.head_id)
         rows = await asyncio.to_thread(self.store.examples, source.head_id)
         records = [{"text": text, "label": label} for text, label in rows]
         return await self.create(client, source.name, source.kind.value, str(ref), records, dict(source.options))
@@ -395,16 +416,24 @@ class HeadService:
         log.info("head %s (%s, %s) trained: %s", spec.ref, spec.kind.value, spec.model, trained.metrics)
 
     async def _embed_examples(self, spec: HeadSpec, texts: list[str]) -> np.ndarray:
-        """The examples' embeddings, requested as the owner in chunks; quota refusals wait and retry."""
+        """The examples' embeddings, requested as the owner in chunks. A full server is waited
+        out; the owner's own limits only within ``max_quota_wait_s`` (module docstring)."""
         parts: list[np.ndarray] = []
         last_write_s = time.monotonic()
+        quota_wait_s = 0.0  # waited so far on the owner's limits
         for start in range(0, len(texts), TRAIN_CHUNK_TEXTS):
             chunk = tuple(texts[start : start + TRAIN_CHUNK_TEXTS])
             while True:
                 try:
                     result = await self.engine.embed(EmbedRequest(str(spec.model), chunk, client=spec.owner))
                     break
-                except (RateLimited, Overloaded) as exc:  # the owner's quota or a full queue: training can wait
+                except RateLimited as exc:  # the owner's own limit: fail its job rather than hold the queue
+                    wait_s = exc.retry_after_s or 1.0
+                    if exc.code in _LONG_TERM_LIMITS or quota_wait_s + wait_s > self.max_quota_wait_s:
+                        raise _quota_exhausted(exc, quota_wait_s, start, len(texts)) from exc
+                    quota_wait_s += wait_s
+                    await asyncio.sleep(wait_s)
+                except Overloaded as exc:  # the whole server is full: every job would wait the same
                     await asyncio.sleep(exc.retry_after_s or 1.0)
             parts.append(result.vectors)
             now_s = time.monotonic()
@@ -413,3 +442,17 @@ class HeadService:
                 progress = EMBED_PROGRESS * (start + len(chunk)) / len(texts)
                 await asyncio.to_thread(self.store.set_progress, spec.head_id, HeadStatus.TRAINING, progress)
         return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _quota_exhausted(exc: RateLimited, waited_s: float, num_done: int, num_texts: int) -> RateLimited:
+    """The failure a job stores when its owner's quota stops it (``quota_exhausted (<limit>): ...``)."""
+    if exc.code in _LONG_TERM_LIMITS:
+        when = "after 00:00 UTC, when the daily budget resets"
+    else:
+        when = f"when the limit allows (it asked for a {exc.retry_after_s or 1.0:.1f} s wait after {waited_s:.1f} s waited)"
+    return RateLimited(
+        f"quota_exhausted ({exc.code}): {exc.message}; training stopped after embedding {num_done} of {num_texts} "
+        f"examples so that other clients' jobs can run; retrain the head on the same model {when}",
+        code="quota_exhausted",
+        retry_after_s=exc.retry_after_s or 1.0,
+    )
