@@ -456,18 +456,22 @@ def apply_environment(settings: Settings, env: Environment) -> Settings:
     ``POLYRAY_REFIT=1`` is the exception: it is a one-off instruction for this start, so it wins.
     ``POLYRAY_HOME`` is not copied into the settings: ``data_dir`` resolves it when a path is needed.
     """
-    models = tuple(
-        replace(
-            m,
-            cache_dir=m.cache_dir or env.cache_dir,
-            int8_weight_bits=(
-                m.int8_weight_bits if m.int8_weight_bits is not None or m.precision != "int8" else env.int8_weight_bits
-            ),
-            reuse_budget_fit=m.reuse_budget_fit and not env.refit,
-        )
-        for m in settings.models
+    return replace(settings, models=tuple(model_with_environment(m, env) for m in settings.models))
+
+
+def model_with_environment(model: ModelConfig, env: Environment | None = None) -> ModelConfig:
+    """One model entry with the environment applied (``apply_environment``); for tools that build
+    a ``ModelConfig`` in code rather than load one (``polyray.benchmarks.budget_curve``)."""
+    env = env or read_environment()
+    bits = model.int8_weight_bits
+    if bits is None and model.precision == "int8":
+        bits = env.int8_weight_bits
+    return replace(
+        model,
+        cache_dir=model.cache_dir or env.cache_dir,
+        int8_weight_bits=bits,
+        reuse_budget_fit=model.reuse_budget_fit and not env.refit,
     )
-    return replace(settings, models=models)
 
 
 def data_dir(env: Environment | None = None) -> Path:

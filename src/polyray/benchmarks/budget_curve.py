@@ -13,7 +13,7 @@ import logging
 
 from polyray.backends.calibrate import DEFAULT_BUDGETS, BudgetFitter
 from polyray.backends.factory import build_backend
-from polyray.config import ModelConfig, default_threads
+from polyray.config import ModelConfig, default_threads, model_with_environment
 from polyray.engine.batcher import BatchPolicy
 from polyray.engine.budget_fit import FitPolicy
 
@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     version = "1-int8" if args.precision == "int8" else "1"
-    config = ModelConfig(
-        version=version, backend=args.backend, precision=args.precision, threads=args.threads or default_threads()
+    config = model_with_environment(  # $POLYRAY_CACHE_DIR and friends, as polyray serve reads them
+        ModelConfig(
+            version=version, backend=args.backend, precision=args.precision, threads=args.threads or default_threads()
+        )
     )
     backend = build_backend(config)
     fitter = BudgetFitter(
