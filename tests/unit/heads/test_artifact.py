@@ -40,7 +40,8 @@ def test_same_params_same_bytes_and_digest() -> None:
     one, two = dump_params(params()), dump_params(params())
     assert one == two
     assert sha256(one) == sha256(two)
-    assert len(sha256(one)) == 64 and int(sha256(one), 16) >= 0
+    # SHA-256 hex, pinned to the standard's test vector: stored digests stay comparable across versions.
+    assert sha256(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert sha256(dump_params(params(seed=1))) != sha256(one)
 
 
