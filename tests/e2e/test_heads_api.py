@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -348,10 +349,15 @@ async def test_a_head_not_yet_trained_is_refused_and_a_restart_resumes_its_train
         spec = await asyncio.to_thread(
             store.create, "alice", "later", HeadKind.CLASSIFIER, ModelRef("minilm", "2"), {}, rows
         )
-        await asyncio.sleep(1.2)  # the index notices the store's change counter
-        error = assert_error(
-            await api.infer(api.alice, {"model": "minilm", "input": "x", "heads": ["later"]}), 400, "invalid_request"
-        )
+        # The index notices the store's change counter on its next refresh: poll (generous bound)
+        # until the head is known rather than sleep past one refresh interval and hope.
+        deadline = time.monotonic() + 10.0
+        while (
+            response := await api.infer(api.alice, {"model": "minilm", "input": "x", "heads": ["later"]})
+        ).status_code == 404:
+            assert time.monotonic() < deadline, "the head index never noticed the stored head"
+            await asyncio.sleep(0.05)
+        error = assert_error(response, 400, "invalid_request")
         assert error["code"] == "head_not_ready" and "pending" in error["message"]
     shutil.copyfile(tmp_path / "polyray.db", tmp_path / "kept.db")
     template_again = (tmp_path / "kept.db", template[1])
