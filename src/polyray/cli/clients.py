@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from polyray.cli.database import database_options, open_sql_engine
+from polyray.cli.database import database_options, open_db
 from polyray.errors import InvalidRequest
 from polyray.tenancy.model import Client, PriorityClass, Quota
 from polyray.tenancy.store import ClientStore
@@ -74,7 +74,7 @@ def _print_clients(clients: list[Client]) -> None:
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
-    store = ClientStore(open_sql_engine(args))
+    store = ClientStore(open_db(args))
     action = args.action
     if action == "create":
         client, key = store.create_client(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from polyray.config import TenancyConfig, database_url, load_settings
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine as SqlEngine
+    from polyray.db.connection import Database
 
 
 def database_options() -> argparse.ArgumentParser:
@@ -30,8 +30,8 @@ def db_url(args: argparse.Namespace) -> str:
     return database_url(config)
 
 
-def open_sql_engine(args: argparse.Namespace) -> SqlEngine:
-    """The SQLAlchemy engine of the named database, migrated to the current schema."""
+def open_db(args: argparse.Namespace) -> Database:
+    """The named database, migrated to the current schema."""
     from polyray.db.connection import open_database
 
     return open_database(db_url(args))

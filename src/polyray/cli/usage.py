@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from polyray.cli.database import database_options, open_sql_engine
+from polyray.cli.database import database_options, open_db
 
 if TYPE_CHECKING:
     from polyray.cli.common import Subcommands
@@ -24,11 +24,11 @@ def _moment(text: str, option: str) -> datetime:
 def cmd_usage(args: argparse.Namespace) -> int:
     from polyray.tenancy.reports import usage_totals
 
-    sql_engine = open_sql_engine(args)
+    db = open_db(args)
     since = _moment(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(days=1)
     until = _moment(args.until, "--until") if args.until else None
-    totals = usage_totals(sql_engine, since, until, args.by, args.client)
-    sql_engine.dispose()
+    totals = usage_totals(db, since, until, args.by, args.client)
+    db.dispose()
     print(
         f"usage since {since:%Y-%m-%d %H:%M}Z"
         + (f" until {until:%Y-%m-%d %H:%M}Z" if until else "")
