@@ -56,23 +56,26 @@ class Server:
         return 0
 
 
-def server_config(home: Path, extra: str = "") -> str:
+def server_config(home: Path, extra: str = "", threads: int | None = None) -> str:
+    model_threads = f"threads = {threads}\n" if threads else ""
     return (
         f'[tenancy]\ndatabase_url = "sqlite:///{home}/polyray.db"\nbootstrap = false\n\n'
         f"[cache]\nenabled = false\n\n{extra}\n"
-        '[[models]]\nname = "minilm"\nversion = "1"\n'
+        f'[[models]]\nname = "minilm"\nversion = "1"\n{model_threads}'
     )
 
 
 @contextmanager
-def running_server(clients: dict[str, PriorityClass], extra_config: str = "") -> Iterator[Server]:
+def running_server(
+    clients: dict[str, PriorityClass], extra_config: str = "", threads: int | None = None
+) -> Iterator[Server]:
     """A ``polyray serve`` with ``clients`` (name -> class, share 1), stopped (SIGTERM) on exit."""
     home = Path(tempfile.mkdtemp(prefix="polyray-reliability-"))
     store = ClientStore(open_database(f"sqlite:///{home}/polyray.db"))
     keys = {name: store.create_client(name, priority, 1.0)[1] for name, priority in clients.items()}
     store.db.dispose()
     port = free_port()
-    proc: subprocess.Popen[bytes] = start_server(home, server_config(home, extra_config), port)
+    proc: subprocess.Popen[bytes] = start_server(home, server_config(home, extra_config, threads), port)
     try:
         yield Server(port, proc.pid, keys, home)
     finally:

@@ -38,8 +38,8 @@ RSS_GROWTH = 0.05
 _RETRY_IN = re.compile(rb"retry in about (\d+) ms")
 
 
-async def run(duration_s: float, factor: float, extra_config: str) -> int:
-    with running_server(dict.fromkeys(CLIENTS, PriorityClass.BATCH), extra_config) as server:
+async def run(duration_s: float, factor: float, extra_config: str, threads: int | None) -> int:
+    with running_server(dict.fromkeys(CLIENTS, PriorityClass.BATCH), extra_config, threads) as server:
         conns = {name: Connections(server.port, server.keys[name]) for name in CLIENTS}
         payloads = bodies(int(duration_s * 40) + 2000, TEXTS, seed=31)
         cursor = 0
@@ -166,8 +166,9 @@ def main() -> int:
     parser.add_argument(
         "--config", default="", help="extra TOML for the server, e.g. '[admission]\\nbatch_max_queue_ms = 50'"
     )
+    parser.add_argument("--threads", type=int, help="the model's compute threads (default: every core)")
     args = parser.parse_args()
-    return asyncio.run(run(args.duration, args.factor, args.config.replace("\\n", "\n")))
+    return asyncio.run(run(args.duration, args.factor, args.config.replace("\\n", "\n"), args.threads))
 
 
 if __name__ == "__main__":
