@@ -29,6 +29,7 @@ policies = st.builds(
     interactive_max_queue_ms=st.floats(0.0, 2000.0),
     batch_max_queue_ms=st.floats(0.0, 2000.0),
     max_client_queue_fraction=st.floats(0.01, 1.0),
+    own_work_allowance=st.floats(0.0, 4.0),
 )
 
 
@@ -55,7 +56,8 @@ def test_the_verdict_follows_from_the_estimate(
 ) -> None:
     cost = frozen(*line)
     verdict = admit(waiting, cost, BUDGET, policy)
-    bound_s = policy.bound_s(waiting.interactive)
+    request_s = cost.drain_s(waiting.request_tokens, BUDGET)
+    bound_s = policy.bound_s(waiting.interactive) + policy.own_work_allowance * request_s
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
     own_s = cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, BUDGET)
     over_share = waiting.client_backlog_tokens > 0 and own_s > policy.max_client_queue_fraction * bound_s
@@ -109,12 +111,32 @@ def test_a_client_with_nothing_queued_is_never_over_its_share(
 
 
 def test_an_idle_server_admits_even_with_a_zero_bound() -> None:
-    policy = AdmissionPolicy(interactive_max_queue_ms=0.0, batch_max_queue_ms=0.0)
+    policy = AdmissionPolicy(interactive_max_queue_ms=0.0, batch_max_queue_ms=0.0, own_work_allowance=0.0)
     idle = Waiting(0.0, 0.0, 300.0, 0.0, 60.0, True)
     assert admit(idle, frozen(0.01, 1e-4), BUDGET, policy).admit
     busy = Waiting(0.0, 0.0, 300.0, 0.002, 60.0, True)  # a pass is still running
     verdict = admit(busy, frozen(0.01, 1e-4), BUDGET, policy)
     assert (verdict.admit, verdict.code, verdict.retry_after_s) == (False, "queue_full", MIN_RETRY_AFTER_S)
+
+
+def test_two_bulk_requests_from_two_clients_are_both_admitted() -> None:
+    """The second of two equal 4-second requests waits about the first's whole request (their texts
+    interleave in fair order): over the 100 ms class bound, within its own-work allowance."""
+    cost = frozen(0.0, 1e-3)  # 1,000 tokens/s
+    second = Waiting(
+        work_ahead_tokens=4000.0,
+        client_backlog_tokens=0.0,
+        request_tokens=4000.0,
+        running_left_s=0.05,
+        deadline_left_s=60.0,
+        interactive=False,
+    )
+    assert admit(second, cost, BUDGET, AdmissionPolicy()).admit
+    strict = admit(second, cost, BUDGET, AdmissionPolicy(own_work_allowance=0.0))
+    assert (strict.admit, strict.code) == (False, "queue_full")
+    # A third such request behind both is over its allowance: about 8 s ahead of a 4 s request.
+    third = Waiting(8000.0, 0.0, 4000.0, 0.05, 60.0, False)
+    assert not admit(third, cost, BUDGET, AdmissionPolicy()).admit
 
 
 def test_classes_have_their_own_bounds_and_a_deadline_can_only_shorten_them() -> None:

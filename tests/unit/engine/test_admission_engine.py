@@ -126,7 +126,14 @@ async def queued(engine: Engine, task: asyncio.Task[EmbedResult], num_entries: i
     assert not task.done(), task
 
 
-POLICY = AdmissionPolicy(interactive_max_queue_ms=BOUND_MS, batch_max_queue_ms=BOUND_MS, max_client_queue_fraction=1.0)
+# No own-work allowance: these tests check the class bound's arithmetic to the millisecond
+# (the allowance is covered in test_admission.py).
+POLICY = AdmissionPolicy(
+    interactive_max_queue_ms=BOUND_MS,
+    batch_max_queue_ms=BOUND_MS,
+    max_client_queue_fraction=1.0,
+    own_work_allowance=0.0,
+)
 
 
 async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with_a_derived_retry_after(
@@ -161,7 +168,12 @@ async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with
 
 async def test_a_client_over_its_share_in_time_gets_429_while_another_is_admitted(make: Factory) -> None:
     engine, backend, _ = await make(
-        AdmissionPolicy(interactive_max_queue_ms=BOUND_MS, batch_max_queue_ms=BOUND_MS, max_client_queue_fraction=0.5)
+        AdmissionPolicy(
+            interactive_max_queue_ms=BOUND_MS,
+            batch_max_queue_ms=BOUND_MS,
+            max_client_queue_fraction=0.5,
+            own_work_allowance=0.0,
+        )
     )
     blocker = await occupy_worker(engine, backend)
     a = embed(engine, "a", texts("a", 4, 10))  # a's first request: 40 ms, admitted even over its 50 ms share
