@@ -65,10 +65,3 @@ class Load:
                     self.latencies_s.append(took_s)
             if got.num_failed:
                 time.sleep(0.05)  # the server is gone (a kill): do not spin
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

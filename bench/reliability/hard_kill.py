@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Load, percentile
+from _common import percentile
+from common import Load
 from postgres_support import Received, ServeProcess, usage_sums
 
 from polyray.db.connection import open_database
@@ -74,7 +75,7 @@ def cost_phase(server: ServeProcess, args: argparse.Namespace) -> tuple[float, f
     took_s = time.monotonic() - began
     latencies = load.latencies_s[n0:]
     load.stop()
-    return done / took_s, percentile(latencies, 0.5) * 1000
+    return done / took_s, percentile(latencies, 50) * 1000
 
 
 def record_cost_us(journal_dir: Path | None, num_records: int) -> float:
