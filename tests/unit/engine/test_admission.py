@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from polyray.engine.admission import (
     MIN_RETRY_AFTER_S,
-    AdmissionPolicy,
     RefusedDemand,
     ServiceCost,
     WaitCalibration,
@@ -19,6 +18,7 @@ from polyray.engine.admission import (
     admit,
 )
 from polyray.engine.scheduler import FairQueue
+from polyray.policies import AdmissionPolicy
 
 BUDGET = 512
 seconds = st.floats(0.0, 5.0, allow_nan=False)
@@ -119,9 +119,9 @@ def test_an_idle_server_admits_even_with_a_zero_bound() -> None:
     assert (verdict.admit, verdict.code, verdict.retry_after_s) == (False, "queue_full", MIN_RETRY_AFTER_S)
 
 
-def test_two_bulk_requests_from_two_clients_are_both_admitted() -> None:
+def test_two_bulk_requests_from_two_clients_are_both_admitted_with_an_own_work_allowance() -> None:
     """The second of two equal 4-second requests waits about the first's whole request (their texts
-    interleave in fair order): over the 100 ms class bound, within its own-work allowance."""
+    interleave in fair order): over the 100 ms class bound, within an own-work allowance of 1."""
     cost = frozen(0.0, 1e-3)  # 1,000 tokens/s
     second = Waiting(
         work_ahead_tokens=4000.0,
@@ -131,12 +131,13 @@ def test_two_bulk_requests_from_two_clients_are_both_admitted() -> None:
         deadline_left_s=60.0,
         interactive=False,
     )
-    assert admit(second, cost, BUDGET, AdmissionPolicy()).admit
-    strict = admit(second, cost, BUDGET, AdmissionPolicy(own_work_allowance=0.0))
+    bulk = AdmissionPolicy(own_work_allowance=1.0)
+    assert admit(second, cost, BUDGET, bulk).admit
+    strict = admit(second, cost, BUDGET, AdmissionPolicy())  # the default, 0
     assert (strict.admit, strict.code) == (False, "queue_full")
     # A third such request behind both is over its allowance: about 8 s ahead of a 4 s request.
     third = Waiting(8000.0, 0.0, 4000.0, 0.05, 60.0, False)
-    assert not admit(third, cost, BUDGET, AdmissionPolicy()).admit
+    assert not admit(third, cost, BUDGET, bulk).admit
 
 
 def test_classes_have_their_own_bounds_and_a_deadline_can_only_shorten_them() -> None:
