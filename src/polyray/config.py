@@ -118,9 +118,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from polyray.cache.config import CacheConfig
-from polyray.engine.admission import AdmissionPolicy
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.runner import FairnessPolicy
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 
 DEFAULT_MODEL_NAME = "minilm"
 DEFAULT_MODEL_VERSION = "1"

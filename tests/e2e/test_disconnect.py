@@ -15,9 +15,9 @@ from server_support import serve_in_thread
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig, Settings
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.observability.metrics import Metrics
+from polyray.policies import BatchPolicy
 from polyray.types import ModelRef
 
 

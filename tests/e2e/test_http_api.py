@@ -27,11 +27,10 @@ from server_support import serve_in_thread
 from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ModelConfig, ServerConfig, Settings, parse_settings
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
-from polyray.engine.runner import FairnessPolicy
 from polyray.observability.metrics import Metrics
+from polyray.policies import BatchPolicy, FairnessPolicy
 from polyray.types import ModelRef
 
 REF = ModelRef("minilm", "1")

@@ -20,8 +20,8 @@ from polyray.cache.config import CacheConfig
 from polyray.cache.redis_tier import RedisTier
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
+from polyray.policies import BatchPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.types import EmbedRequest, EmbedResult, ModelRef, UsageRecord
 

@@ -35,9 +35,7 @@ from polyray.config import (
     read_environment,
     settable_keys,
 )
-from polyray.engine.admission import AdmissionPolicy
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.runner import FairnessPolicy
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS: dict[str, Any] = {

@@ -7,8 +7,9 @@
 * ``compare_to_reference``: cosine of every probe input, computed both in mixed-length batches and
   alone, because dynamic int8 quantizes each call's activations with one range per call: a row's
   vector depends a little on its batch-mates.
-* ``measure_budget_curve`` and ``BudgetFitter``: the batch budget fitted to the hardware
-  (``engine.budget_fit`` holds the pure decision).
+* ``measure_budget_curve`` and ``measure_fixed_cost_s``: the backend's speed on the batches the
+  planner would form, which ``engine.budget_fit.BudgetFitter`` turns into a batch budget (the
+  engine holds the fitting, decision and drift; this module only runs the backend and times it).
 * ``FitCache``: the measured curve kept on disk, so a restart on the same machine, weights and
   build decides from it instead of measuring again (the measurement is most of a start: about
   35 s for MiniLM on this project's 2-core CPU). The key is everything the measurement depends
@@ -38,18 +39,8 @@ from typing import Any
 import numpy as np
 
 from polyray.backends.base import Backend
-from polyray.benchmarks.corpus import make_corpus
-from polyray.engine.batcher import BatchPolicy, plan_groups
-from polyray.engine.budget_fit import (
-    BudgetDecision,
-    CurvePoint,
-    DriftState,
-    FitPolicy,
-    choose_budget,
-    observe_drift,
-    rescale,
-)
-from polyray.errors import PolyrayError
+from polyray.backends.probe_corpus import make_corpus
+from polyray.policies import BatchPolicy, CurvePoint, plan_groups
 
 log = logging.getLogger(__name__)
 
@@ -339,144 +330,3 @@ class FitCache:
             log.warning("could not keep the batch budget fit in %s (%s); the next start measures again", path, exc)
             return None
         return path
-
-
-class BudgetFitter:
-    """Measure → decide at start and on demand; watch served batches for drift (one per runner).
-
-    ``fit`` blocks for ``len(budgets) × time_per_budget_s`` seconds or more - each budget runs at least one
-    whole queue window per round, 10-15 s for MiniLM on 2 cores - and must run where the backend's
-    ``encode`` runs (the runner's worker thread). ``observe_batch`` is cheap and safe to call after
-    every batch; it returns a new decision when the measured speed has drifted.
-    """
-
-    def __init__(
-        self,
-        policy: FitPolicy | None = None,
-        budgets: Sequence[int] = DEFAULT_BUDGETS,
-        time_per_budget_s: float = 0.4,
-        corpus: Sequence[str] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        name: str = "",
-        cache: FitCache | None = None,
-        reuse_cached: bool = True,
-    ) -> None:
-        self.policy = policy or FitPolicy()
-        self.budgets = tuple(budgets)
-        self.time_per_budget_s = time_per_budget_s
-        self.corpus = list(corpus) if corpus is not None else make_corpus(256, seed=MEASURE_SEED)
-        self.clock = clock
-        self.name = name
-        self.decision: BudgetDecision | None = None
-        self._measured: list[CurvePoint] = []
-        self._fixed_cost_s: float | None = None
-        self._padding_free = False
-        self._drift: DriftState | None = None
-        self.cache = cache
-        # False: the first fit measures even when the cache holds a curve (the model's
-        # ``reuse_budget_fit``, or ``$POLYRAY_REFIT=1`` read by ``polyray.config``).
-        self.reuse_cached = reuse_cached
-        self.from_cache = False  # the decision in force was made from a cached curve
-        self._num_fits = 0
-        self._key: dict[str, Any] | None = None
-
-    def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision:
-        """Measure and decide. The first call (at start) reuses a cached curve for this machine and
-        build when there is one and ``reuse_cached`` (``$POLYRAY_REFIT`` unset); later calls (a refit on demand)
-        always measure, and every measurement replaces the cached one."""
-        first = self._num_fits == 0
-        self._num_fits += 1
-        # Keyed by the start's (configured) policy: a refit runs on the fitted policy, and its
-        # measurement must be found by the next start, which again begins from the configured one.
-        if first and self.cache is not None:
-            self._key = self._cache_key(backend, base_policy)
-        key = self._key
-        if self.cache is not None and key is not None and first and self.reuse_cached:
-            cached = self.cache.load(key)
-            if cached is not None:
-                self._measured, self._fixed_cost_s, measured_at = cached
-                self._padding_free = backend.padding_free
-                self.from_cache = True
-                decision = self._decide(1.0)
-                log.info(
-                    "batch budget for %s from the fit measured %s on this machine and build (%s); "
-                    "POLYRAY_REFIT=1 or POST /v1/admin/models/{model}/fit measures again:\n%s",
-                    self.name or backend.description,
-                    measured_at,
-                    self.cache.path(key),
-                    decision.table(),
-                )
-                return decision
-        corpus_ids = [t.ids for t in backend.tokenize(self.corpus)]
-        started = time.perf_counter()
-        self._measured = measure_budget_curve(backend, corpus_ids, self.budgets, base_policy, self.time_per_budget_s)
-        shortest = min(corpus_ids, key=len)
-        self._fixed_cost_s = measure_fixed_cost_s(backend, (shortest[0], shortest[-1]))
-        self._padding_free = backend.padding_free
-        self.from_cache = False
-        decision = self._decide(1.0)
-        kept = self.cache.store(key, self._measured, self._fixed_cost_s) if self.cache and key is not None else None
-        log.info(
-            "batch budget fit for %s in %.1f s (%s)%s:\n%s",
-            self.name or backend.description,
-            time.perf_counter() - started,
-            backend.description,
-            f"; kept in {kept} for the next start" if kept else "",
-            decision.table(),
-        )
-        return decision
-
-    def _cache_key(self, backend: Backend, base_policy: BatchPolicy | None) -> dict[str, Any] | None:
-        """Everything besides the machine and build that shapes the measured curve (None: do not cache)."""
-        assert self.cache is not None
-        policy = base_policy or BatchPolicy()
-        try:
-            self.cache.key({})  # hashes the weights once
-        except (OSError, PolyrayError) as exc:
-            log.warning("batch budget fit for %s is not cached: cannot hash the weights (%s)", self.name, exc)
-            return None
-        return self.cache.key(
-            {
-                "backend_class": type(backend).__name__,
-                "backend_precision": backend.precision,
-                "padding_free": backend.padding_free,
-                "budgets": list(self.budgets),
-                "time_per_budget_s": self.time_per_budget_s,
-                "corpus_sha256": hashlib.sha256("\0".join(self.corpus).encode()).hexdigest(),
-                "window": policy.window,
-                "max_batch_size": policy.max_batch_size,
-                "overhead_tokens": policy.overhead_tokens,
-            }
-        )
-
-    def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None:
-        """Fold one served batch in (token lengths of its entries, its measured compute seconds)."""
-        if self.decision is None or self._drift is None or not lengths:
-            return None
-        cost_tokens = sum(lengths) if self._padding_free else max(lengths) * len(lengths)
-        self._drift, factor = observe_drift(
-            self._drift, self.decision.cost, cost_tokens, compute_s, self.clock(), self.policy
-        )
-        if factor is None:
-            return None
-        previous = self.decision
-        decision = self._decide(previous.drift_factor * factor)
-        log.warning(
-            "batch compute for %s runs at %.2fx the fitted speed; re-decided (budget %d -> %d tokens, "
-            "max_wait %.2f -> %.2f ms):\n%s",
-            self.name,
-            1 / factor,
-            previous.budget_tokens,
-            decision.budget_tokens,
-            previous.max_wait_ms,
-            decision.max_wait_ms,
-            decision.table(),
-        )
-        return decision
-
-    def _decide(self, drift_factor: float) -> BudgetDecision:
-        points = rescale(self._measured, drift_factor) if drift_factor != 1.0 else self._measured
-        fixed = self._fixed_cost_s * drift_factor if self._fixed_cost_s is not None else None
-        self.decision = choose_budget(points, self.policy, drift_factor, fixed)
-        self._drift = DriftState(decided_s=self.clock())
-        return self.decision

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from polyray.backends.base import Backend
-from polyray.backends.calibrate import BudgetFitter, FitCache
+from polyray.backends.calibrate import FitCache
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ModelConfig, default_threads
-from polyray.engine.budget_fit import FitPolicy
 from polyray.registry.model_dir import read_model_dir
 
 
@@ -35,23 +34,6 @@ def build_backend(config: ModelConfig) -> Backend:
     from polyray.backends.torch import TorchBackend
 
     return TorchBackend(read_model_dir(config.path), threads, config.max_seq_tokens, config.execution)
-
-
-def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
-    """The batch-budget fitter for one model version, or None when ``fit_batch_budget`` is off.
-
-    The runner calls ``fit(backend, policy)`` on its worker thread before serving and applies
-    ``decision.apply(policy)``; see ``backends.calibrate.BudgetFitter``. The dummy backend is not
-    fitted: its speed is no hardware's, and tests start many servers on it.
-    """
-    if not config.fit_batch_budget or config.backend == "dummy":
-        return None
-    return BudgetFitter(
-        FitPolicy(latency_target_ms=config.batch_latency_target_ms),
-        name=f"{config.name}@{config.version}",
-        cache=fit_cache(config),
-        reuse_cached=config.reuse_budget_fit,
-    )
 
 
 def fit_cache(config: ModelConfig) -> FitCache:

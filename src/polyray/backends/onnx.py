@@ -40,8 +40,8 @@ from polyray.backends.base import Tokenized, pad_batch
 from polyray.backends.calibrate import ProbeReport, calibration_texts, compare_to_reference, probe_texts
 from polyray.backends.onnx_export import Build, default_cache_root, ensure_build
 from polyray.backends.tokenizer import TextTokenizer
-from polyray.engine.batcher import BatchPolicy, plan_groups
 from polyray.errors import ModelLoadError
+from polyray.policies import BatchPolicy, plan_groups
 from polyray.registry.model_dir import ModelDir
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polyray.engine.batcher import BatchPolicy, plan_groups
+from polyray.policies import BatchPolicy, plan_groups
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,

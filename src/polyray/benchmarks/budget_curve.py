@@ -11,11 +11,11 @@ import argparse
 import json
 import logging
 
-from polyray.backends.calibrate import DEFAULT_BUDGETS, BudgetFitter
+from polyray.backends.calibrate import DEFAULT_BUDGETS
 from polyray.backends.factory import build_backend
 from polyray.config import ModelConfig, default_threads, model_with_environment
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.budget_fit import FitPolicy
+from polyray.engine.budget_fit import BudgetFitter
+from polyray.policies import BatchPolicy, FitPolicy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,56 +32,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from polyray.policies import AdmissionPolicy
+
 # A refusal never asks the caller to come back sooner than this: a retry in less than a forward
 # pass would find the same queue.
 MIN_RETRY_AFTER_S = 0.05
-
-
-@dataclass(frozen=True)
-class AdmissionPolicy:
-    """Queueing bounds per client class: how long a request may be expected to wait before compute.
-
-    An admitted request's latency is about its wait plus its own service, so "admitted p99 within
-    2x of unloaded" holds when the bound is at most the unloaded latency. Measured with
-    bench/reliability/overload.py on this project's 2-core CPU (torch MiniLM): an unloaded request
-    of 16 sentences answers in ~140-270 ms p99, so both classes may wait 100 ms. Not less for
-    interactive clients: the forward pass in progress counts, and one 256-token text alone takes
-    ~40-60 ms here, so a smaller bound refused one-sentence requests that were next in line
-    (bench/reliability/flood.py, 50 ms: 156 of 645 refused). 100 ms is far from the tens of
-    seconds an unbounded queue let requests wait, and enough to keep the worker busy between a
-    client's requests. A request's deadline can only lower its bound. A very large value turns
-    time admission off for a class.
-
-    ``own_work_allowance``: a request may also wait this many times its own compute. A fixed
-    bound alone is right for the small requests of interactive traffic but wrong for bulk
-    requests: of two teams each sending 512 texts (about 4 s of compute here), the second's texts
-    interleave in fair order with the first's, so its expected wait is about the first's whole
-    request, far over 100 ms, and it would be refused again and again although nobody is overloaded.
-    With an allowance of 1 a request's admitted latency stays within about twice its unloaded
-    latency (its own compute plus as much of the others') plus the class bound, whatever its
-    size: the same promise the overload bench checks for small requests. With the bound and the
-    allowance both 0 a class is admitted only into an empty queue.
-    """
-
-    interactive_max_queue_ms: float = 100.0
-    batch_max_queue_ms: float = 100.0
-    # A client may fill at most this fraction of its class bound with its own queued work while it
-    # already has work queued (a client with nothing queued may always send one request).
-    max_client_queue_fraction: float = 0.5
-    own_work_allowance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.interactive_max_queue_ms < 0 or self.batch_max_queue_ms < 0:
-            raise ValueError(f"queueing bounds must be >= 0 ms, got {self}")
-        if self.own_work_allowance < 0:
-            raise ValueError(f"own_work_allowance must be >= 0, got {self.own_work_allowance}")
-        if not 0 < self.max_client_queue_fraction <= 1:
-            raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
-
-    def bound_s(self, interactive: bool, own_s: float = 0.0) -> float:
-        """How long a request of this class whose own compute is ``own_s`` may be expected to wait."""
-        class_s = (self.interactive_max_queue_ms if interactive else self.batch_max_queue_ms) / 1000.0
-        return class_s + self.own_work_allowance * own_s
 
 
 @dataclass(frozen=True)

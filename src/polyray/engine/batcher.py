@@ -11,7 +11,7 @@ so ``form_batch`` plans how to cut the waiting entries into batches, not only th
 1. it looks at a bounded window of the oldest entries, sorted by length;
 2. it splits that sorted run into contiguous groups, each within the budget (``budget_tokens``
    padded tokens and ``max_batch_size`` entries), minimizing total cost
-   ``Σ (overhead_tokens + longest × count)`` by dynamic programming (O(window²));
+   ``Σ (overhead_tokens + longest × count)`` by dynamic programming (``policies.plan_groups``);
 3. the next batch is the group that holds the oldest entry, so no entry waits behind later
    arrivals for ever (the oldest always goes next) and within the window nobody is skipped:
    a batch is a contiguous run by length.
@@ -27,27 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    budget_tokens: int = 4096
-    max_batch_size: int = 64
-    window: int = 64
-    max_wait_ms: float = 2.0
-    overhead_tokens: int = 64
-    # After a batch ends, wait at most this long (and at most 10 % of that batch's compute time)
-    # for its callers to send their next request, so closed-loop clients keep forming one large
-    # batch instead of drifting into small ones that fight the HTTP work for the cores.
-    rejoin_wait_ms: float = 15.0
-    # The backend computes no padding (packed execution): a batch's compute is then the sum of
-    # its lengths, so planning merges groups; the budget still bounds longest × count.
-    padding_free: bool = False
-
-    def __post_init__(self) -> None:
-        if self.budget_tokens < 1 or self.max_batch_size < 1 or self.window < 1:
-            raise ValueError(f"invalid batch policy {self}: budget, size and window must be >= 1")
-        if self.max_wait_ms < 0 or self.overhead_tokens < 0 or self.rejoin_wait_ms < 0:
-            raise ValueError(f"invalid batch policy {self}: waits and overhead_tokens must be >= 0")
+from polyray.policies import BatchPolicy, plan_groups
 
 
 @dataclass(frozen=True)
@@ -76,36 +56,6 @@ class BatchDecision:
 def padded_cost(lengths: Sequence[int]) -> int:
     """Tokens a padded forward pass over these sequences computes."""
     return max(lengths) * len(lengths) if lengths else 0
-
-
-def plan_groups(lengths: Sequence[int], policy: BatchPolicy) -> list[tuple[int, int]]:
-    """Cut ascending ``lengths`` into contiguous groups ``[start, end)`` of least total cost.
-
-    A group is allowed when its padded cost fits the budget and its size the maximum, or when it
-    is a single entry (which always runs, alone, however long).
-    """
-    n = len(lengths)
-    prefix = [0]
-    for length in lengths:
-        prefix.append(prefix[-1] + length)
-    best = [0] + [-1] * n  # best[i]: least cost of the first i entries
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        longest = lengths[end - 1]  # ascending: the group's last entry is its longest
-        for start in range(end - 1, max(-1, end - 1 - policy.max_batch_size), -1):
-            size = end - start
-            if size > 1 and longest * size > policy.budget_tokens:
-                break  # larger groups ending here cost even more
-            compute = prefix[end] - prefix[start] if policy.padding_free else longest * size
-            cost = best[start] + policy.overhead_tokens + compute
-            if best[end] < 0 or cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups = []
-    end = n
-    while end > 0:
-        groups.append((cut[end], end))
-        end = cut[end]
-    return groups[::-1]
 
 
 def form_batch(

@@ -1,9 +1,12 @@
-"""Choose the batch token budget and maximum wait from measured points: a pure function.
+"""Budget fitting, in one place: choose the batch token budget and maximum wait from measured points.
 
 The measurement (``backends.calibrate.measure_budget_curve``) runs the real backend on batches
 the planner would form at each candidate budget and reports, per budget, the throughput and how
-long one batch takes. Everything here is arithmetic on those points, so it is tested on
-synthetic curves without clocks, threads or models (DESIGN.md: decisions as pure functions).
+long one batch takes; it lives with the backends because it only runs and times a backend. The
+decision functions here are arithmetic on those points, so they are tested on synthetic curves
+without clocks, threads or models (DESIGN.md: decisions as pure functions). ``BudgetFitter``, at
+the end, is the stateful part the runner holds: measure (or reuse a kept curve) → decide, then
+watch served batches for drift; ``build_budget_fitter`` makes one from a model's config.
 
 The decision:
 
@@ -33,54 +36,29 @@ by it and ``choose_budget`` decides again, without stopping the worker to re-mea
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from polyray.engine.batcher import BatchPolicy
+from polyray.backends.base import Backend
+from polyray.backends.calibrate import (
+    DEFAULT_BUDGETS,
+    MEASURE_SEED,
+    FitCache,
+    measure_budget_curve,
+    measure_fixed_cost_s,
+)
+from polyray.backends.factory import fit_cache
+from polyray.backends.probe_corpus import make_corpus
+from polyray.config import ModelConfig
+from polyray.errors import PolyrayError
+from polyray.policies import BatchPolicy, CurvePoint, FitPolicy
 
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """What batches planned at one budget measured: totals over ``num_batches`` forward calls."""
-
-    budget_tokens: int
-    num_batches: int
-    num_sequences: int
-    num_tokens: int  # real tokens
-    cost_tokens: int  # what the backend computes: real tokens (padding-free) or longest × count
-    compute_s: float  # summed over the batches
-    p90_batch_ms: float  # one batch's compute time, 90th percentile
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_tokens / self.compute_s if self.compute_s > 0 else 0.0
-
-    @property
-    def sequences_per_s(self) -> float:
-        return self.num_sequences / self.compute_s if self.compute_s > 0 else 0.0
-
-    @property
-    def mean_batch_ms(self) -> float:
-        return 1000.0 * self.compute_s / self.num_batches if self.num_batches else 0.0
-
-
-@dataclass(frozen=True)
-class FitPolicy:
-    latency_target_ms: float = 500.0  # worst case under saturation; typical latency is about half
-    tolerance: float = 0.03  # smallest budget within 3 % of the best feasible throughput
-    max_wait_cap_ms: float = 10.0
-    drift_ratio: float = 1.25  # re-decide when batches run 25 % slower (or faster) than the fit says
-    drift_min_batches: int = 32  # batches observed since the last decision before drift counts
-    drift_halflife_batches: float = 16.0
-    min_refit_interval_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.latency_target_ms <= 0 or not 0 <= self.tolerance < 1 or self.max_wait_cap_ms < 0:
-            raise ValueError(f"invalid fit policy {self}")
-        if self.drift_ratio <= 1 or self.drift_min_batches < 1 or self.drift_halflife_batches <= 0:
-            raise ValueError(f"invalid fit policy {self}: drift_ratio > 1, batches >= 1, half-life > 0")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -302,3 +280,161 @@ class ArrivalRate:
 
     def observe(self, now_s: float, count: int = 1) -> ArrivalRate:
         return replace(self, rate_per_s=self.rate_at(now_s) + count / self.tau_s, at_s=now_s)
+
+
+class BudgetFitter:
+    """Measure → decide at start and on demand; watch served batches for drift (one per runner).
+
+    ``fit`` blocks for ``len(budgets) × time_per_budget_s`` seconds or more - each budget runs at least one
+    whole queue window per round, 10-15 s for MiniLM on 2 cores - and must run where the backend's
+    ``encode`` runs (the runner's worker thread). ``observe_batch`` is cheap and safe to call after
+    every batch; it returns a new decision when the measured speed has drifted.
+    """
+
+    def __init__(
+        self,
+        policy: FitPolicy | None = None,
+        budgets: Sequence[int] = DEFAULT_BUDGETS,
+        time_per_budget_s: float = 0.4,
+        corpus: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+        cache: FitCache | None = None,
+        reuse_cached: bool = True,
+    ) -> None:
+        self.policy = policy or FitPolicy()
+        self.budgets = tuple(budgets)
+        self.time_per_budget_s = time_per_budget_s
+        self.corpus = list(corpus) if corpus is not None else make_corpus(256, seed=MEASURE_SEED)
+        self.clock = clock
+        self.name = name
+        self.decision: BudgetDecision | None = None
+        self._measured: list[CurvePoint] = []
+        self._fixed_cost_s: float | None = None
+        self._padding_free = False
+        self._drift: DriftState | None = None
+        self.cache = cache
+        # False: the first fit measures even when the cache holds a curve (the model's
+        # ``reuse_budget_fit``, or ``$POLYRAY_REFIT=1`` read by ``polyray.config``).
+        self.reuse_cached = reuse_cached
+        self.from_cache = False  # the decision in force was made from a cached curve
+        self._num_fits = 0
+        self._key: dict[str, Any] | None = None
+
+    def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision:
+        """Measure and decide. The first call (at start) reuses a cached curve for this machine and
+        build when there is one and ``reuse_cached`` (``$POLYRAY_REFIT`` unset); later calls (a refit on demand)
+        always measure, and every measurement replaces the cached one."""
+        first = self._num_fits == 0
+        self._num_fits += 1
+        # Keyed by the start's (configured) policy: a refit runs on the fitted policy, and its
+        # measurement must be found by the next start, which again begins from the configured one.
+        if first and self.cache is not None:
+            self._key = self._cache_key(backend, base_policy)
+        key = self._key
+        if self.cache is not None and key is not None and first and self.reuse_cached:
+            cached = self.cache.load(key)
+            if cached is not None:
+                self._measured, self._fixed_cost_s, measured_at = cached
+                self._padding_free = backend.padding_free
+                self.from_cache = True
+                decision = self._decide(1.0)
+                log.info(
+                    "batch budget for %s from the fit measured %s on this machine and build (%s); "
+                    "POLYRAY_REFIT=1 or POST /v1/admin/models/{model}/fit measures again:\n%s",
+                    self.name or backend.description,
+                    measured_at,
+                    self.cache.path(key),
+                    decision.table(),
+                )
+                return decision
+        corpus_ids = [t.ids for t in backend.tokenize(self.corpus)]
+        started = time.perf_counter()
+        self._measured = measure_budget_curve(backend, corpus_ids, self.budgets, base_policy, self.time_per_budget_s)
+        shortest = min(corpus_ids, key=len)
+        self._fixed_cost_s = measure_fixed_cost_s(backend, (shortest[0], shortest[-1]))
+        self._padding_free = backend.padding_free
+        self.from_cache = False
+        decision = self._decide(1.0)
+        kept = self.cache.store(key, self._measured, self._fixed_cost_s) if self.cache and key is not None else None
+        log.info(
+            "batch budget fit for %s in %.1f s (%s)%s:\n%s",
+            self.name or backend.description,
+            time.perf_counter() - started,
+            backend.description,
+            f"; kept in {kept} for the next start" if kept else "",
+            decision.table(),
+        )
+        return decision
+
+    def _cache_key(self, backend: Backend, base_policy: BatchPolicy | None) -> dict[str, Any] | None:
+        """Everything besides the machine and build that shapes the measured curve (None: do not cache)."""
+        assert self.cache is not None
+        policy = base_policy or BatchPolicy()
+        try:
+            self.cache.key({})  # hashes the weights once
+        except (OSError, PolyrayError) as exc:
+            log.warning("batch budget fit for %s is not cached: cannot hash the weights (%s)", self.name, exc)
+            return None
+        return self.cache.key(
+            {
+                "backend_class": type(backend).__name__,
+                "backend_precision": backend.precision,
+                "padding_free": backend.padding_free,
+                "budgets": list(self.budgets),
+                "time_per_budget_s": self.time_per_budget_s,
+                "corpus_sha256": hashlib.sha256("\0".join(self.corpus).encode()).hexdigest(),
+                "window": policy.window,
+                "max_batch_size": policy.max_batch_size,
+                "overhead_tokens": policy.overhead_tokens,
+            }
+        )
+
+    def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None:
+        """Fold one served batch in (token lengths of its entries, its measured compute seconds)."""
+        if self.decision is None or self._drift is None or not lengths:
+            return None
+        cost_tokens = sum(lengths) if self._padding_free else max(lengths) * len(lengths)
+        self._drift, factor = observe_drift(
+            self._drift, self.decision.cost, cost_tokens, compute_s, self.clock(), self.policy
+        )
+        if factor is None:
+            return None
+        previous = self.decision
+        decision = self._decide(previous.drift_factor * factor)
+        log.warning(
+            "batch compute for %s runs at %.2fx the fitted speed; re-decided (budget %d -> %d tokens, "
+            "max_wait %.2f -> %.2f ms):\n%s",
+            self.name,
+            1 / factor,
+            previous.budget_tokens,
+            decision.budget_tokens,
+            previous.max_wait_ms,
+            decision.max_wait_ms,
+            decision.table(),
+        )
+        return decision
+
+    def _decide(self, drift_factor: float) -> BudgetDecision:
+        points = rescale(self._measured, drift_factor) if drift_factor != 1.0 else self._measured
+        fixed = self._fixed_cost_s * drift_factor if self._fixed_cost_s is not None else None
+        self.decision = choose_budget(points, self.policy, drift_factor, fixed)
+        self._drift = DriftState(decided_s=self.clock())
+        return self.decision
+
+
+def build_budget_fitter(config: ModelConfig) -> BudgetFitter | None:
+    """The batch-budget fitter for one model version, or None when ``fit_batch_budget`` is off.
+
+    The runner calls ``fit(backend, policy)`` on its worker thread before serving and applies
+    ``decision.apply(policy)``; see ``BudgetFitter``. The dummy backend is not
+    fitted: its speed is no hardware's, and tests start many servers on it.
+    """
+    if not config.fit_batch_budget or config.backend == "dummy":
+        return None
+    return BudgetFitter(
+        FitPolicy(latency_target_ms=config.batch_latency_target_ms),
+        name=f"{config.name}@{config.version}",
+        cache=fit_cache(config),
+        reuse_cached=config.reuse_budget_fit,
+    )

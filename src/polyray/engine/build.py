@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from polyray.backends.base import Backend
-from polyray.backends.factory import build_backend, build_budget_fitter
+from polyray.backends.factory import build_backend
 from polyray.cache.service import EngineCache
 from polyray.config import Settings
+from polyray.engine.budget_fit import BudgetFitter, build_budget_fitter
 from polyray.engine.engine import Engine
 from polyray.engine.observer import EngineObserver
-from polyray.engine.runner import BudgetFitter
 from polyray.tenancy.accounts import Accounts
 from polyray.types import ModelRef
 

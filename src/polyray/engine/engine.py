@@ -19,13 +19,12 @@ import numpy as np
 from polyray.backends.base import Backend, Tokenized
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
-from polyray.engine.admission import AdmissionPolicy
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.budget_fit import BudgetDecision
+from polyray.engine.budget_fit import BudgetDecision, BudgetFitter
 from polyray.engine.observer import EngineObserver, NullObserver
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import BudgetFitter, FairnessPolicy, ModelRunner
+from polyray.engine.runner import ModelRunner
 from polyray.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.model import PriorityClass
 from polyray.tenancy.quotas import Ticket

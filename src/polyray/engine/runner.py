@@ -23,7 +23,7 @@ ahead of it in fair order, drained at the measured cost line, plus the rest of t
 progress) is compared with min(its deadline, its class's queueing bound); over it, the request is
 refused at once with a Retry-After from the same estimate.
 
-Fitted budget: with a ``fitter`` (``backends.calibrate.BudgetFitter``) the runner measures the
+Fitted budget: with a ``fitter`` (``engine.budget_fit.BudgetFitter``) the runner measures the
 backend at start, before serving, and on demand (``refit``), and applies the decision (budget,
 maximum wait, per-call overhead) to its policy; every served batch is fed to the fitter, which
 re-decides when measured speed drifts from the fit. With a fitted cost line the maximum wait is
@@ -43,18 +43,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from polyray.backends.base import Backend
-from polyray.engine.admission import AdmissionPolicy, RefusedDemand, ServiceCost, WaitCalibration, Waiting, admit
-from polyray.engine.batcher import BatchPolicy, form_batch
-from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, should_wait
+from polyray.engine.admission import RefusedDemand, ServiceCost, WaitCalibration, Waiting, admit
+from polyray.engine.batcher import form_batch
+from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, BudgetFitter, should_wait
 from polyray.engine.observer import EngineObserver
 from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded, RateLimited
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.costs import split_batch_compute, split_exact
 from polyray.types import ModelRef
 
@@ -66,39 +67,6 @@ RowOutcome = np.ndarray | BaseException
 MIN_INTERACTIVE_CAP_TOKENS = 16
 # (client, compute_ns): called on the event loop for every entry of every computed batch.
 ChargeSink = Callable[[str, int], None]
-
-
-@dataclass(frozen=True)
-class FairnessPolicy:
-    """How the runner protects interactive clients from batch-class floods (see module docstring)."""
-
-    # The cap on a batch-class batch while interactive traffic is recent, as compute time: one
-    # forward pass an interactive request may have to wait for. Converted to tokens with the
-    # measured cost line; ``interactive_budget_tokens`` applies until one is known. Chosen with
-    # bench/reliability/flood.py (see its docstring): torch MiniLM on 2 cores pays ~9 ms per call
-    # before any token, so 15 ms leaves room for a few sentences per batch-class pass.
-    interactive_budget_ms: float | None = 15.0
-    interactive_budget_tokens: int = 256
-    interactive_window_s: float = 10.0
-    max_client_queue_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.interactive_budget_tokens < 1 or self.interactive_window_s < 0:
-            raise ValueError(f"invalid fairness policy {self}")
-        if self.interactive_budget_ms is not None and self.interactive_budget_ms <= 0:
-            raise ValueError(f"interactive_budget_ms must be > 0 (or unset), got {self.interactive_budget_ms}")
-        if not 0 < self.max_client_queue_fraction <= 1:
-            raise ValueError(f"max_client_queue_fraction must be in (0, 1], got {self.max_client_queue_fraction}")
-
-
-class BudgetFitter(Protocol):
-    """What the runner needs of ``backends.calibrate.BudgetFitter`` (the engine does not import it)."""
-
-    decision: BudgetDecision | None
-
-    def fit(self, backend: Backend, base_policy: BatchPolicy | None = None) -> BudgetDecision: ...
-
-    def observe_batch(self, lengths: Sequence[int], compute_s: float) -> BudgetDecision | None: ...
 
 
 def compute_rows(backend: Backend, batch: Sequence[Sequence[int]]) -> list[RowOutcome]:

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from polyray.backends.calibrate import (
-    BudgetFitter,
     compare_to_reference,
     measure_budget_curve,
     probe_texts,
     row_cosines,
 )
 from polyray.backends.dummy import DummyBackend
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.budget_fit import FitPolicy
+from polyray.engine.budget_fit import BudgetFitter
+from polyray.policies import BatchPolicy, FitPolicy
 
 
 class OverheadDummy(DummyBackend):

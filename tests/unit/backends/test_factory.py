@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from polyray.backends.factory import build_backend, build_budget_fitter, check_model
+from polyray.backends.factory import build_backend, check_model
 from polyray.config import ConfigError, ModelConfig, parse_settings
+from polyray.engine.budget_fit import build_budget_fitter
 
 
 def test_int8_needs_its_own_version_naming_it() -> None:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from polyray.backends import calibrate
-from polyray.backends.calibrate import BudgetFitter, FitCache, machine_fingerprint, probe_texts
+from polyray.backends.calibrate import FitCache, machine_fingerprint, probe_texts
 from polyray.backends.dummy import DummyBackend
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.budget_fit import FitPolicy
+from polyray.engine.budget_fit import BudgetFitter
 from polyray.errors import ModelLoadError
+from polyray.policies import BatchPolicy, FitPolicy
 
 IDENTITY = {"backend": "torch", "precision": "fp32", "execution": "auto", "threads": 2, "max_seq_tokens": None}
 

@@ -20,11 +20,10 @@ from engine_support import REF, ProbeBackend, wait_until
 from polyray.backends.base import Tokenized
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
-from polyray.engine.admission import AdmissionPolicy, ServiceCost
-from polyray.engine.batcher import BatchPolicy
+from polyray.engine.admission import ServiceCost
 from polyray.engine.engine import INLINE_TOKENIZE_MAX_CHARS, Engine
-from polyray.engine.runner import FairnessPolicy
 from polyray.errors import Overloaded, RateLimited
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.model import Client, PriorityClass, Quota
 from polyray.types import EmbedRequest, EmbedResult, ModelRef

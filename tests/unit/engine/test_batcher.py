@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyray.engine.batcher import BatchDecision, BatchPolicy, Candidate, form_batch, padded_cost, plan_groups
+from polyray.engine.batcher import BatchDecision, Candidate, form_batch, padded_cost
+from polyray.policies import BatchPolicy, plan_groups
 
 INF = float("inf")
 

@@ -8,11 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.budget_fit import (
-    CurvePoint,
     DriftState,
-    FitPolicy,
     LinearCost,
     choose_budget,
     fit_cost,
@@ -20,6 +17,7 @@ from polyray.engine.budget_fit import (
     rescale,
     should_wait,
 )
+from polyray.policies import BatchPolicy, CurvePoint, FitPolicy
 
 BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 

@@ -21,11 +21,10 @@ from polyray.backends.dummy import DummyBackend
 from polyray.cache.config import CacheConfig
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.engine.queue import Entry
-from polyray.engine.runner import FairnessPolicy
 from polyray.errors import BackendError, Overloaded
+from polyray.policies import BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.ledger import UsageRecord
 from polyray.types import EmbedRequest, EmbedResult, ModelRef

@@ -18,11 +18,11 @@ from engine_support import REF, ProbeBackend, wait_until
 
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import FairnessPolicy, ModelRunner, compute_rows
+from polyray.engine.runner import ModelRunner, compute_rows
 from polyray.errors import BackendError, DeadlineExceeded, InvalidRequest, NotFound, Overloaded
+from polyray.policies import BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
 

@@ -19,10 +19,9 @@ from engine_support import REF, ProbeBackend, wait_until
 
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
-from polyray.engine.runner import FairnessPolicy
 from polyray.errors import BackendError, Overloaded, RateLimited
+from polyray.policies import BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.ledger import UsageRecord
 from polyray.tenancy.model import Client, PriorityClass, Quota

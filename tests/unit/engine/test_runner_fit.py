@@ -16,13 +16,12 @@ from engine_support import REF
 from test_budget_fit import synthetic_curve
 
 from polyray.backends.base import Backend
-from polyray.backends.calibrate import BudgetFitter
 from polyray.backends.dummy import DummyBackend
-from polyray.engine.batcher import BatchPolicy
-from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, FitPolicy, LinearCost, choose_budget
+from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, BudgetFitter, LinearCost, choose_budget
 from polyray.engine.observer import NullObserver
 from polyray.engine.queue import Entry
 from polyray.engine.runner import ModelRunner
+from polyray.policies import BatchPolicy, FitPolicy
 
 
 class ScriptedFitter:

@@ -22,12 +22,12 @@ import pytest
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig, TenancyConfig
 from polyray.db.connection import open_database
-from polyray.engine.batcher import BatchPolicy
 from polyray.engine.engine import Engine
 from polyray.heads.datasets import load_topics
 from polyray.heads.kinds import HeadSpec, HeadStatus
 from polyray.heads.service import TRAIN_CHUNK_TEXTS, HeadService
 from polyray.heads.store import HeadStore
+from polyray.policies import BatchPolicy
 from polyray.tenancy.ledger import UsageBatch, UsageRow, apply_batch
 from polyray.tenancy.model import Quota
 from polyray.tenancy.reports import usage_totals
