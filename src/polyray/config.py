@@ -73,7 +73,7 @@ a key the chosen backend would ignore, or a value out of bounds is a ``ConfigErr
     interactive_max_queue_ms = 100.0   # expected wait before compute, interactive clients
     batch_max_queue_ms = 100.0         # ... batch-class clients (a request's deadline may lower both)
     max_client_queue_fraction = 0.5    # one client's queued work, as a fraction of its bound, before 429
-    own_work_allowance = 1.0           # a request may also wait this many times its own compute
+    own_work_allowance = 0.0           # a request may also wait this many times its own compute (bulk fleets: 1)
 
     [[models]]
     name = "minilm"

@@ -131,7 +131,7 @@ class AdmissionPolicy:
     # A client may fill at most this fraction of its class bound with its own queued work while it
     # already has work queued (a client with nothing queued may always send one request).
     max_client_queue_fraction: float = 0.5
-    own_work_allowance: float = 1.0
+    own_work_allowance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.interactive_max_queue_ms < 0 or self.batch_max_queue_ms < 0:
