@@ -10,7 +10,6 @@ server, so it is kept cheap: bodies are encoded before the clock starts.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import orjson
 
 from polyray.benchmarks.corpus import make_corpus
+from polyray.benchmarks.loadgen import percentile
 from polyray.benchmarks.server import free_port, start_server, stop_server
 from polyray.db.connection import open_database
 from polyray.tenancy.model import PriorityClass
@@ -188,15 +188,6 @@ class Record:
         for a in self.answers:
             out[a.status] = out.get(a.status, 0) + 1
         return dict(sorted(out.items()))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, ``q`` in [0, 100]."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
 
 
 async def closed_loop(
