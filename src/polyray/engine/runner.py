@@ -46,27 +46,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from polyray.backends.base import Backend
 from polyray.engine.admission import RefusedDemand, ServiceCost, WaitCalibration, Waiting, admit
 from polyray.engine.batcher import form_batch
 from polyray.engine.budget_fit import ArrivalRate, BudgetDecision, BudgetFitter, should_wait
 from polyray.engine.observer import EngineObserver
-from polyray.engine.queue import Entry, EntryQueue, EntryResult, split_dead
+from polyray.engine.queue import Entry, EntryQueue, split_dead
+from polyray.engine.settlement import ChargeSink, FinishedBatch, RowOutcome
+from polyray.engine.settlement import split as settlement_split
 from polyray.errors import BackendError, DeadlineExceeded, Overloaded, RateLimited
 from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
-from polyray.tenancy.costs import split_batch_compute, split_exact
 from polyray.types import ModelRef
 
 log = logging.getLogger(__name__)
 
-RowOutcome = np.ndarray | BaseException
 # The interactive cap never goes below this: a pass of a few short texts, so a slow machine does not
 # serve the batch class one text per forward call (a longer entry still runs alone).
 MIN_INTERACTIVE_CAP_TOKENS = 16
-# (client, compute_ns): called on the event loop for every entry of every computed batch.
-ChargeSink = Callable[[str, int], None]
 
 
 def compute_rows(backend: Backend, batch: Sequence[Sequence[int]]) -> list[RowOutcome]:
@@ -377,49 +373,60 @@ class ModelRunner:
         return rows, time.perf_counter_ns() - started_ns
 
     def _deliver(self, batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
+        """A batch finished on the worker: hold the next one briefly, learn from the measurement,
+        settle its compute (charge every sharer), resolve its entries, report it."""
         self._wake.set()
-        if not fut.cancelled() and fut.exception() is None:
-            compute_s = fut.result()[1] / 1e9
-            hold_s = min(self.policy.rejoin_wait_ms / 1000.0, 0.1 * compute_s)
-            self._hold_until_s = self.clock() + hold_s
-            self._min_fill = len(self.queue) + len(batch)
         if fut.cancelled():  # only at interpreter shutdown
             return
-        exc = fut.exception()
-        if exc is not None:  # compute_rows contains backend errors; this is a bug, fail loudly per entry
-            rows: list[RowOutcome] = [exc] * len(batch)
-            compute_ns = 0
-        else:
-            rows, compute_ns = fut.result()
-        inference_ms = compute_ns / 1e6
-        queue_ms = [(started_s - e.enqueued_s) * 1000.0 for e in batch]
-        lengths = [e.num_tokens for e in batch]
-        shares_ns = split_batch_compute(compute_ns, lengths, self.backend.padding_free)
-        self.measured_compute_ns += compute_ns
-        if compute_ns and exc is None:
-            self.cost = self.cost.observe(sum(lengths), compute_ns / 1e9)
-        if self.fitter is not None and compute_ns and exc is None:
-            redecided = self.fitter.observe_batch(lengths, compute_ns / 1e9)
+        finished = _finished(batch, started_s, batch_id, fut)
+        if not finished.failed:
+            self._hold_next(finished)
+        self._learn(finished)
+        settlement = settlement_split(finished, self.backend.padding_free)
+        settlement.charge(self.charge)
+        if self.on_compute is not None and finished.compute_ns:
+            self.on_compute(finished.compute_ns, len(batch))
+        num_abandoned = settlement.resolve()
+        self._report_batch(finished, num_abandoned)
+
+    def _hold_next(self, finished: FinishedBatch) -> None:
+        """After a batch, hold a partial next one briefly so the finished batch's callers can rejoin."""
+        compute_s = finished.compute_ns / 1e9
+        hold_s = min(self.policy.rejoin_wait_ms / 1000.0, 0.1 * compute_s)
+        self._hold_until_s = self.clock() + hold_s
+        self._min_fill = len(self.queue) + len(finished.entries)
+
+    def _learn(self, finished: FinishedBatch) -> None:
+        """Count the compute (conservation) and feed a real measurement to the cost line and fitter."""
+        self.measured_compute_ns += finished.compute_ns
+        if not finished.measured:
+            return
+        compute_s = finished.compute_ns / 1e9
+        self.cost = self.cost.observe(sum(finished.lengths), compute_s)
+        if self.fitter is not None:
+            redecided = self.fitter.observe_batch(finished.lengths, compute_s)
             if redecided is not None:
                 self._apply(redecided)
-        sharer_ns: list[tuple[int, ...]] = []
-        for entry, share_ns in zip(batch, shares_ns, strict=True):
-            sharers = entry.sharers or [entry.client]
-            parts = tuple(split_exact(share_ns, [1] * len(sharers)))
-            sharer_ns.append(parts)
-            if self.charge is not None:
-                for client, part_ns in zip(sharers, parts, strict=True):
-                    self.charge(client, part_ns)
-        if self.on_compute is not None and compute_ns:
-            self.on_compute(compute_ns, len(batch))
-        num_abandoned = 0
-        for entry, row, waited_ms, share_ns, parts in zip(batch, rows, queue_ms, shares_ns, sharer_ns, strict=True):
-            if entry.future.done():
-                num_abandoned += 1  # the caller left while its batch computed
-            elif isinstance(row, BaseException):
-                entry.future.set_exception(BackendError(f"the model failed on this input: {row}"))
-            else:
-                entry.future.set_result(EntryResult(row, waited_ms, inference_ms, batch_id, share_ns, parts))
+
+    def _report_batch(self, finished: FinishedBatch, num_abandoned: int) -> None:
         if num_abandoned:
             self.observer.on_dropped(self.ref, "abandoned_after_compute", num_abandoned)
-        self.observer.on_batch(self.ref, len(batch), max(lengths) * len(batch), sum(lengths), queue_ms, inference_ms)
+        lengths = finished.lengths
+        self.observer.on_batch(
+            self.ref,
+            len(lengths),
+            max(lengths) * len(lengths),
+            sum(lengths),
+            finished.queue_ms,
+            finished.inference_ms,
+        )
+
+
+def _finished(batch: list[Entry], started_s: float, batch_id: int, fut: asyncio.Future) -> FinishedBatch:  # type: ignore[type-arg]
+    """The worker's outcome as a ``FinishedBatch``. ``compute_rows`` contains backend errors, so a
+    raised future is a bug: fail loudly per entry, with no compute to charge."""
+    exc = fut.exception()
+    if exc is not None:
+        return FinishedBatch(batch, [exc] * len(batch), 0, started_s, batch_id, failed=True)
+    rows, compute_ns = fut.result()
+    return FinishedBatch(batch, rows, compute_ns, started_s, batch_id)
