@@ -1,4 +1,9 @@
-"""The engine front: resolve the model, tokenize, admit, queue, await, assemble the result.
+"""The engine front: a request's stages, in order (``Engine.embed``).
+
+resolve the version → the client's quota (``tenancy.quotas``) → tokenize (``engine.tokenize``)
+→ cache lookup → dedup against in-flight entries (``engine.inflight``) → admit and queue the
+new entries (``ModelRunner.submit``) → await them → assemble vectors and usage. The runner
+settles each computed batch (``engine.settlement``); a computed vector fills the cache.
 
 ``Engine`` is the in-process ``EngineClient``: the HTTP layer and the CLI call ``embed`` and
 ``models`` and know nothing else about it.
@@ -9,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,9 +24,11 @@ from polyray.backends.base import Backend, Tokenized
 from polyray.cache.service import EngineCache
 from polyray.config import ServerConfig
 from polyray.engine.budget_fit import BudgetDecision, BudgetFitter
+from polyray.engine.inflight import InflightTable, WaitKey, leave, wait_key
 from polyray.engine.observer import EngineObserver, NullObserver
 from polyray.engine.queue import Entry, EntryResult
 from polyray.engine.runner import ModelRunner
+from polyray.engine.tokenize import Tokenizer, estimate_tokens, truncated_indices
 from polyray.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded
 from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
@@ -31,11 +37,6 @@ from polyray.tenancy.quotas import Ticket
 from polyray.types import EmbedRequest, EmbedResult, ModelRef, Usage
 
 WARMUP_TEXTS = ("warm up", "a somewhat longer sentence to warm up the model with more than a handful of tokens in it")
-# Requests of at most this many texts and characters are tokenized on the event loop (≈ 1 ms of
-# work at most: the real tokenizer runs ~1 µs per character); anything larger goes to the tokenizer
-# threads so the loop stays responsive. Counting texts alone let one 4 MB text freeze the server.
-INLINE_TOKENIZE_MAX_TEXTS = 8
-INLINE_TOKENIZE_MAX_CHARS = 1024
 # How long past its deadline a caller waits for the runner's own verdict before giving up itself.
 DEADLINE_GRACE_S = 1.0
 
@@ -73,13 +74,12 @@ class Engine:
         self.accounts = accounts or Accounts()
         self.cache = cache
         # Per version: cache key -> the queued or computing entry (in-flight dedup, cache on only).
-        self._inflight: dict[ModelRef, dict[bytes, Entry]] = {ref: {} for ref in backends}
+        self._inflight = {
+            ref: InflightTable(functools.partial(self._queue_fill, ref) if cache is not None else None)
+            for ref in backends
+        }
         self._normalization = {ref: _normalization(b) for ref, b in backends.items()}
-        self.measured_tokenize_ns = 0
-        self.num_inline_tokenized = 0  # requests tokenized on the event loop (the rest: tokenizer threads)
-        # Tokenization gets threads of its own: in the default executor it would queue behind
-        # database and fsync work (ledger, directory), which can take seconds on a slow disk.
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="polyray-tokenize")
+        self.tokenizer = Tokenizer()
         self._pending_fills: dict[ModelRef, list[tuple[bytes, np.ndarray]]] = {}
         self._fill_tasks: set[asyncio.Future[None]] = set()
         obs = observer or NullObserver()
@@ -117,7 +117,7 @@ class Engine:
             await asyncio.sleep(0)  # let the last deliveries schedule their cache fills
             await asyncio.gather(*self._fill_tasks, return_exceptions=True)
             await self.cache.stop()
-        self._tokenize_pool.shutdown(wait=False)
+        self.tokenizer.close()
 
     @property
     def ready(self) -> bool:
@@ -175,6 +175,15 @@ class Engine:
         return await runner.refit()
 
     @property
+    def measured_tokenize_ns(self) -> int:
+        return self.tokenizer.measured_ns
+
+    @property
+    def num_inline_tokenized(self) -> int:
+        """Requests tokenized on the event loop (the rest: tokenizer threads)."""
+        return self.tokenizer.num_inline
+
+    @property
     def measured_compute_ns(self) -> int:
         """Σ of all measured compute: every batch's forward pass plus every tokenization."""
         return self.measured_tokenize_ns + sum(r.measured_compute_ns for r in self.runners.values())
@@ -188,180 +197,127 @@ class Engine:
 
     # -- the request path ----------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """resolve → quota → tokenize → cache → dedup → admit → await → assemble."""
         ref = self.resolve(request.model)
+        runner = self._ready_runner(ref, request)
+        client = self.accounts.client(request.client)
+        quotas = self.accounts.quotas
+        ticket = quotas.admit(client, self.clock(), self.accounts.wall_clock())
+        try:
+            deadline_s = request.deadline_s
+            if deadline_s is None:
+                deadline_s = self.clock() + self.server.request_timeout_s
+            interactive = client.priority is PriorityClass.INTERACTIVE
+            call = _Call(request, ref, runner, client.name, client.weight, interactive, ticket, deadline_s)
+            return await self._embed_admitted(call)
+        finally:
+            quotas.release(ticket)
+
+    async def _embed_admitted(self, call: _Call) -> EmbedResult:
+        self._precheck(call)  # a refusal the queue alone decides costs no tokenizing
+        texts = await self._tokenize(call)
+        now_s = self.clock()
+        await self._lookup(call, texts)
+        waits, prediction = self._dedup_and_submit(call, texts, now_s)
+        outcomes = await _await_entries(waits, call.deadline_s - now_s)
+        if prediction is not None and outcomes:
+            call.runner.observe_wait(prediction, max(r.queue_ms for r in outcomes) / 1000.0)
+        return self._assemble(call, texts, waits, outcomes)
+
+    def _ready_runner(self, ref: ModelRef, request: EmbedRequest) -> ModelRunner:
         runner = self.runners[ref]
         if not runner.ready:
             raise Overloaded(f"model {ref} is not ready", code="not_ready", retry_after_s=2.0)
         if not request.texts:
             raise InvalidRequest("input must contain at least one text", param="input")
-        client = self.accounts.client(request.client)
-        quotas = self.accounts.quotas
-        ticket = quotas.admit(client, self.clock(), self.accounts.wall_clock())
-        try:
-            return await self._embed_admitted(
-                request, ref, runner, client.name, client.weight, client.priority is PriorityClass.INTERACTIVE, ticket
-            )
-        finally:
-            quotas.release(ticket)
+        return runner
 
-    async def _embed_admitted(
-        self,
-        request: EmbedRequest,
-        ref: ModelRef,
-        runner: ModelRunner,
-        client_name: str,
-        weight: float,
-        interactive: bool,
-        ticket: Ticket,
-    ) -> EmbedResult:
-        deadline_s = (
-            request.deadline_s if request.deadline_s is not None else self.clock() + self.server.request_timeout_s
-        )
-        # A refusal the queue alone decides costs no tokenizing (about a character per token / 4).
-        max_tokens = runner.backend.max_seq_tokens
-        estimated_tokens = sum(min(max_tokens, len(text) // 4 + 2) for text in request.texts)
-        runner.precheck(client_name, interactive, deadline_s, estimated_tokens)
-        started_ns = time.perf_counter_ns()
-        tokenized = await self._tokenize(runner.backend, request.texts)
-        tokenize_ns = time.perf_counter_ns() - started_ns
-        self.measured_tokenize_ns += tokenize_ns
-        self.accounts.charge(client_name, ref, tokenize_ns)
+    def _precheck(self, call: _Call) -> None:
+        estimated_tokens = estimate_tokens(call.request.texts, call.runner.backend.max_seq_tokens)
+        call.runner.precheck(call.client, call.interactive, call.deadline_s, estimated_tokens)
+
+    async def _tokenize(self, call: _Call) -> _Texts:
+        """Tokenize; charge the tokenizing as compute and the tokens to the client's quota; refuse
+        over-long texts unless the request allows cutting them."""
+        backend = call.runner.backend
+        tokenized, tokenize_ns = await self.tokenizer.tokenize(backend, call.request.texts)
+        self.accounts.charge(call.client, call.ref, tokenize_ns)
         num_tokens = sum(len(t.ids) for t in tokenized)
-        self.accounts.quotas.charge_tokens(ticket, self.accounts.client(client_name), num_tokens, self.clock())
-        truncated = tuple(i for i, t in enumerate(tokenized) if t.truncated)
-        if truncated and not request.truncate:
-            raise InvalidRequest(
-                f"input[{truncated[0]}] is longer than model {ref}'s maximum of {runner.backend.max_seq_tokens} tokens "
-                "(this server rejects over-long texts instead of truncating them)",
-                param=f"input[{truncated[0]}]",
-                code="context_length_exceeded",
-            )
-        now_s = self.clock()
-        vectors: list[np.ndarray | None] = [None] * len(tokenized)
-        keys: list[bytes | None] = [None] * len(tokenized)
-        if self.cache is not None:
-            norm = self._normalization[ref]
-            # Truncated texts are neither cached nor shared: their vector is not the text's own.
-            keys = [
-                None if t.truncated else self.cache.key(ref, norm, text)
-                for t, text in zip(tokenized, request.texts, strict=True)
-            ]
-            lookup = [k for k in keys if k is not None]
-            found = iter(await self.cache.lookup(ref, lookup)) if lookup else iter(())
-            for i, key in enumerate(keys):
-                if key is not None:
-                    vectors[i] = next(found)[0]
-        num_cached = sum(v is not None for v in vectors)
+        self.accounts.quotas.charge_tokens(call.ticket, self.accounts.client(call.client), num_tokens, self.clock())
+        truncated = truncated_indices(tokenized, call.request.truncate, call.ref, backend.max_seq_tokens)
+        return _Texts(tokenized, tokenize_ns, num_tokens, truncated)
+
+    async def _lookup(self, call: _Call, texts: _Texts) -> None:
+        """Set each text's cache key and its cached vector (cache off: neither)."""
+        if self.cache is None:
+            return
+        ref = call.ref
+        norm = self._normalization[ref]
+        # Truncated texts are neither cached nor shared: their vector is not the text's own.
+        texts.keys = [
+            None if t.truncated else self.cache.key(ref, norm, text)
+            for t, text in zip(texts.tokenized, call.request.texts, strict=True)
+        ]
+        lookup = [k for k in texts.keys if k is not None]
+        found = iter(await self.cache.lookup(ref, lookup)) if lookup else iter(())
+        for i, key in enumerate(texts.keys):
+            if key is not None:
+                texts.vectors[i] = next(found)[0]
+
+    def _dedup_and_submit(
+        self, call: _Call, texts: _Texts, now_s: float
+    ) -> tuple[dict[WaitKey, tuple[Entry, int]], tuple[float, float] | None]:
+        """The entries this request waits for (each with its slot among the sharers), and the wait
+        admission predicted for it. Texts already queued or computing for another request join
+        that entry; the rest are submitted all at once (all or none: ``Overloaded`` /
+        ``RateLimited`` leave nothing joined). Nothing here awaits, so it is atomic."""
+        runner = call.runner
+        table = self._inflight[call.ref]
+        loop = asyncio.get_running_loop()
+
+        def new_entry(ids: tuple[int, ...]) -> Entry:
+            return Entry(ids, now_s, call.deadline_s, loop.create_future(), call.client, call.weight, call.interactive)
+
+        have = [v is not None for v in texts.vectors]
+        claim = table.claim([t.ids for t in texts.tokenized], texts.keys, have, new_entry, call.client)
         runner.last_prediction = None
-        waits = self._join_or_submit(
-            ref, runner, tokenized, keys, vectors, now_s, deadline_s, client_name, weight, interactive
-        )
+        if claim.new:
+            runner.submit(list(claim.new.values()))  # raises the refusal: nothing joined yet
         prediction = runner.last_prediction  # set by submit when admission predicted the wait
-        gathered = asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values()))
-        # If this request gives up (cancelled, deadline, another entry failed), the gather ends with
-        # the first error and nobody reads it: mark it read so asyncio does not log it.
-        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            outcomes: list[EntryResult] = await asyncio.wait_for(
-                gathered, timeout=max(0.0, deadline_s - now_s) + DEADLINE_GRACE_S
-            )
-        except TimeoutError:
-            raise DeadlineExceeded() from None
-        finally:
-            for entry, _ in waits.values():  # the last request to give up on an entry drops it before compute
-                entry.num_waiters -= 1
-                if entry.num_waiters == 0 and not entry.future.done():
-                    entry.future.cancel()
+        for entry in claim.joins.values():
+            runner.queue.promote(entry, call.client, call.weight, call.interactive)  # no-op once computing
+        waits = table.commit(claim, call.client, call.deadline_s)
+        if claim.joins and self.cache is not None:
+            self.cache.num_deduplicated += len(claim.joins)  # the cache report's dedup count
+        return waits, prediction
+
+    def _assemble(
+        self, call: _Call, texts: _Texts, waits: dict[WaitKey, tuple[Entry, int]], outcomes: list[EntryResult]
+    ) -> EmbedResult:
+        """The vectors in request order and the usage: this request's slot of each shared compute."""
         results = dict(zip(waits, outcomes, strict=True))
-        if prediction is not None and outcomes:
-            runner.observe_wait(prediction, max(r.queue_ms for r in outcomes) / 1000.0)
-        for i in range(len(tokenized)):
+        vectors = texts.vectors
+        num_cached = sum(v is not None for v in vectors)
+        for i in range(len(vectors)):
             if vectors[i] is None:
-                vectors[i] = results[self._wait_key(i, keys)].vector
-        computed = list(results.values())
-        batches = {r.batch_id: r.inference_ms for r in computed}
+                vectors[i] = results[wait_key(i, texts.keys)].vector
+        batches = {r.batch_id: r.inference_ms for r in outcomes}
         usage = Usage(
-            num_tokens=num_tokens,
-            queue_ms=max((r.queue_ms for r in computed), default=0.0),
+            num_tokens=texts.num_tokens,
+            queue_ms=max((r.queue_ms for r in outcomes), default=0.0),
             inference_ms=sum(batches.values()),
             num_batches=len(batches),
-            compute_ns=tokenize_ns + sum(r.sharer_ns[waits[k][1]] for k, r in results.items()),
+            compute_ns=texts.tokenize_ns + sum(r.sharer_ns[waits[k][1]] for k, r in results.items()),
             num_cached=num_cached,
         )
-        self.accounts.record_request(client_name, ref, len(tokenized), num_tokens, num_cached)
-        return EmbedResult(ref, np.stack(vectors), usage, truncated)  # type: ignore[arg-type]
+        self.accounts.record_request(call.client, call.ref, len(vectors), texts.num_tokens, num_cached)
+        return EmbedResult(call.ref, np.stack(vectors), usage, texts.truncated)  # type: ignore[arg-type]
 
-    @staticmethod
-    def _wait_key(index: int, keys: list[bytes | None]) -> bytes | int:
-        """Requests wait per distinct entry: a cache key, or the text's index when it has none."""
-        key = keys[index]
-        return key if key is not None else index
-
-    def _join_or_submit(
-        self,
-        ref: ModelRef,
-        runner: ModelRunner,
-        tokenized: list[Tokenized],
-        keys: list[bytes | None],
-        vectors: list[np.ndarray | None],
-        now_s: float,
-        deadline_s: float,
-        client_name: str,
-        weight: float,
-        interactive: bool,
-    ) -> dict[bytes | int, tuple[Entry, int]]:
-        """The entries this request waits for, each with this request's slot among its sharers.
-
-        Texts already queued or computing for another request (same cache key) join that entry;
-        the rest become new entries, submitted all at once (all or none). Nothing here awaits, so
-        the joins and the submit are atomic with respect to other requests.
-        """
-        loop = asyncio.get_running_loop()
-        inflight = self._inflight[ref]
-        joins: dict[bytes | int, Entry] = {}
-        new: dict[bytes | int, Entry] = {}
-        for i, t in enumerate(tokenized):
-            if vectors[i] is not None:
-                continue
-            wait_key = self._wait_key(i, keys)
-            if wait_key in joins or wait_key in new:
-                continue  # the same text twice in one request: one entry
-            existing = inflight.get(wait_key) if isinstance(wait_key, bytes) else None
-            if existing is not None and not existing.future.done():
-                joins[wait_key] = existing
-            else:
-                entry = Entry(t.ids, now_s, deadline_s, loop.create_future(), client_name, weight, interactive)
-                entry.key = wait_key if isinstance(wait_key, bytes) else None
-                entry.sharers.append(client_name)
-                new[wait_key] = entry
-        if new:
-            runner.submit(list(new.values()))  # raises Overloaded / RateLimited: nothing joined yet
-        waits: dict[bytes | int, tuple[Entry, int]] = {}
-        for wait_key, entry in joins.items():
-            runner.queue.promote(entry, client_name, weight, interactive)  # no-op once it is computing
-            entry.num_waiters += 1
-            entry.deadline_s = max(entry.deadline_s, deadline_s)
-            entry.sharers.append(client_name)
-            waits[wait_key] = (entry, len(entry.sharers) - 1)
-        if joins and self.cache is not None:
-            self.cache.num_deduplicated += len(joins)
-        for wait_key, entry in new.items():
-            waits[wait_key] = (entry, 0)
-            if entry.key is not None:
-                inflight[entry.key] = entry
-                entry.future.add_done_callback(functools.partial(self._entry_done, ref, entry))
-        return waits
-
-    def _entry_done(self, ref: ModelRef, entry: Entry, fut: asyncio.Future[EntryResult]) -> None:
-        """Leave the in-flight table, and fill the cache with a computed vector."""
-        assert entry.key is not None
-        if self._inflight[ref].get(entry.key) is entry:
-            del self._inflight[ref][entry.key]
-        if self.cache is None or fut.cancelled() or fut.exception() is not None:
-            return
+    def _queue_fill(self, ref: ModelRef, key: bytes, vector: np.ndarray) -> None:
+        """Fill the cache with a computed vector: one fill per batch delivered, not one per text."""
         pending = self._pending_fills.setdefault(ref, [])
-        pending.append((entry.key, fut.result().vector))
-        if len(pending) == 1:  # one fill per batch delivered, not one per text
+        pending.append((key, vector))
+        if len(pending) == 1:
             asyncio.get_running_loop().call_soon(self._flush_fills, ref)
 
     def _flush_fills(self, ref: ModelRef) -> None:
@@ -372,11 +328,51 @@ class Engine:
             self._fill_tasks.add(task)
             task.add_done_callback(self._fill_tasks.discard)
 
-    async def _tokenize(self, backend: Backend, texts: Sequence[str]) -> list[Tokenized]:
-        if len(texts) <= INLINE_TOKENIZE_MAX_TEXTS and sum(map(len, texts)) <= INLINE_TOKENIZE_MAX_CHARS:
-            self.num_inline_tokenized += 1
-            return backend.tokenize(texts)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, backend.tokenize, texts)
+
+@dataclass(frozen=True)
+class _Call:
+    """One admitted request on its way through the stages: who asked, for what, until when."""
+
+    request: EmbedRequest
+    ref: ModelRef
+    runner: ModelRunner
+    client: str
+    weight: float
+    interactive: bool
+    ticket: Ticket
+    deadline_s: float
+
+
+@dataclass
+class _Texts:
+    """A request's texts through the stages: their tokens, then cache keys and cached vectors."""
+
+    tokenized: list[Tokenized]
+    tokenize_ns: int
+    num_tokens: int
+    truncated: tuple[int, ...]
+    keys: list[bytes | None] = field(init=False)  # None: not cached (cache off, or truncated)
+    vectors: list[np.ndarray | None] = field(init=False)  # None: still to compute
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * len(self.tokenized)
+        self.vectors = [None] * len(self.tokenized)
+
+
+async def _await_entries(waits: dict[WaitKey, tuple[Entry, int]], deadline_left_s: float) -> list[EntryResult]:
+    """Wait for every entry (until the deadline plus the runner's grace); on the way out, for any
+    reason, leave each entry so the last request to give up drops it before compute."""
+    gathered = asyncio.gather(*(asyncio.shield(e.future) for e, _ in waits.values()))
+    # If this request gives up (cancelled, deadline, another entry failed), the gather ends with
+    # the first error and nobody reads it: mark it read so asyncio does not log it.
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        return await asyncio.wait_for(gathered, timeout=max(0.0, deadline_left_s) + DEADLINE_GRACE_S)
+    except TimeoutError:
+        raise DeadlineExceeded() from None
+    finally:
+        for entry, _ in waits.values():
+            leave(entry)
 
 
 def _normalization(backend: Backend) -> str:

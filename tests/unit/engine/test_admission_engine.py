@@ -21,7 +21,8 @@ from polyray.backends.base import Tokenized
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ServerConfig
 from polyray.engine.admission import ServiceCost
-from polyray.engine.engine import INLINE_TOKENIZE_MAX_CHARS, Engine
+from polyray.engine.engine import Engine
+from polyray.engine.tokenize import INLINE_TOKENIZE_MAX_CHARS
 from polyray.errors import Overloaded, RateLimited
 from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
