@@ -280,48 +280,62 @@ class ModelRunner:
             self.observer.on_dropped(self.ref, "deadline", len(expired))
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Each turn: drop the dead, pick the next batch (or sleep until one is due), wait for the
+        worker to be free, start the batch on it. Closing: finish what was accepted, then stop."""
         while True:
             self._drop_dead()
             if self._running is not None and self._running.done():
                 self._running = None
             if self._closing and not len(self.queue):
                 break
-            now_s = self.clock()
-            policy = self._policy_now(now_s)
-            candidates, positions = self.queue.candidates(policy.window + 1)
-            decision = form_batch(candidates, policy, now_s, self._hold_until_s, self._min_fill)
-            busy = self._running is not None
-            # While the worker is busy, hold only a full batch; a partial one keeps growing. A capped
-            # batch-class batch is not held: an interactive request arriving meanwhile goes first.
-            capped = policy.budget_tokens < self.policy.budget_tokens
-            take = (
-                (decision.full and not capped)
-                if busy
-                else (decision.ready or (self._closing and bool(decision.indices)))
-            )
-            if not take:
-                timeout = None if busy or not decision.indices else max(0.0, decision.ready_at_s - now_s)
-                await self._wait(timeout)
+            batch, wait_s = self._schedule(self.clock())
+            if batch is None:
+                await self._wait(wait_s)
                 continue
-            batch = self.queue.take(tuple(positions[i] for i in decision.indices))
-            self.observer.on_queue_depth(self.ref, len(self.queue))
-            if self._running is not None:
-                await asyncio.wait([self._running])
-                self._running = None
-                batch = self._live(batch)
-                if not batch:
-                    continue
-            started_s = self.clock()
-            self._running_started_s = started_s
-            self._running_tokens = sum(e.num_tokens for e in batch)
-            batch_id = self._next_batch_id
-            self._next_batch_id += 1
-            running = loop.run_in_executor(self._worker, self._timed_compute, [e.ids for e in batch])
-            running.add_done_callback(functools.partial(self._deliver, batch, started_s, batch_id))
-            self._running = running  # type: ignore[assignment]
+            batch = await self._when_worker_free(batch)
+            if batch:
+                self._launch(batch)
         if self._running is not None:
             await asyncio.wait([self._running])
+
+    def _schedule(self, now_s: float) -> tuple[list[Entry] | None, float | None]:
+        """The batch to take off the queue now, or (None, how long to sleep: None until woken).
+
+        While the worker is busy, only a full batch is held; a partial one keeps growing. A capped
+        batch-class batch is not held: an interactive request arriving meanwhile goes first."""
+        policy = self._policy_now(now_s)
+        candidates, positions = self.queue.candidates(policy.window + 1)
+        decision = form_batch(candidates, policy, now_s, self._hold_until_s, self._min_fill)
+        busy = self._running is not None
+        capped = policy.budget_tokens < self.policy.budget_tokens
+        take = (
+            (decision.full and not capped) if busy else (decision.ready or (self._closing and bool(decision.indices)))
+        )
+        if not take:
+            return None, (None if busy or not decision.indices else max(0.0, decision.ready_at_s - now_s))
+        batch = self.queue.take(tuple(positions[i] for i in decision.indices))
+        self.observer.on_queue_depth(self.ref, len(self.queue))
+        return batch, None
+
+    async def _when_worker_free(self, batch: list[Entry]) -> list[Entry]:
+        """Wait for the batch in progress, if any; then only the entries of ``batch`` still wanted."""
+        if self._running is None:
+            return batch
+        await asyncio.wait([self._running])
+        self._running = None
+        return self._live(batch)
+
+    def _launch(self, batch: list[Entry]) -> None:
+        """Start ``batch`` on the worker; ``_deliver`` settles it when it finishes."""
+        started_s = self.clock()
+        self._running_started_s = started_s
+        self._running_tokens = sum(e.num_tokens for e in batch)
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._worker, self._timed_compute, [e.ids for e in batch])
+        running.add_done_callback(functools.partial(self._deliver, batch, started_s, batch_id))
+        self._running = running  # type: ignore[assignment]
 
     def _policy_now(self, now_s: float) -> BatchPolicy:
         """The batch policy now: a batch-class batch is capped while interactive traffic is recent,
