@@ -15,8 +15,11 @@ batches form between passes, newcomers go ahead in fair order. ``WaitCalibration
 compares each admitted request's predicted wait with the wait it then had, and scales the
 prediction by the measured ratio (measured 2-3x at 4x overload on 2 cores).
 A client whose *own* backlog (in seconds of compute) would exceed its share of the bound, while it
-already has work queued, is refused with 429 ``fair_share_queue`` instead: it is the one
-overloading the queue, and the others keep their room. Retry-After is computed from the same
+already has work queued and another client's work is queued too, is refused with 429
+``fair_share_queue`` instead: it is the one overloading the queue, and the others keep their room.
+Alone in the queue a client has nobody to make room for, so only the bound applies to it (a
+burst of 40 one-sentence requests from one SDK client on an idle server is then served, not
+told it is over a share nobody else wants). Retry-After is computed from the same
 estimate: how long until the work ahead has drained enough for the request to fit, plus the work
 of the requests refused just before it (``RefusedDemand``): refused callers come back when told,
 so telling 64 of them "1 s" at once brings all 64 back at once (measured: a flood's synchronized
@@ -189,7 +192,8 @@ def admit(
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
     client_s = factor * cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, budget_tokens)
     share_s = policy.max_client_queue_fraction * bound_s
-    if waiting.client_backlog_tokens > 0 and client_s > share_s:
+    others_queued = waiting.work_ahead_tokens > waiting.client_backlog_tokens
+    if waiting.client_backlog_tokens > 0 and others_queued and client_s > share_s:
         retry_s = client_s - share_s
         return Verdict(False, client_s, share_s, "rate_limited", "fair_share_queue", max(MIN_RETRY_AFTER_S, retry_s))
     # The pass in progress is measured compute already; the factor corrects the queue's drain.

@@ -60,7 +60,10 @@ def test_the_verdict_follows_from_the_estimate(
     bound_s = policy.bound_s(waiting.interactive) + policy.own_work_allowance * request_s
     allowed_s = max(0.0, min(waiting.deadline_left_s, bound_s))
     own_s = cost.drain_s(waiting.client_backlog_tokens + waiting.request_tokens, BUDGET)
-    over_share = waiting.client_backlog_tokens > 0 and own_s > policy.max_client_queue_fraction * bound_s
+    others_queued = waiting.work_ahead_tokens > waiting.client_backlog_tokens
+    over_share = (
+        waiting.client_backlog_tokens > 0 and others_queued and own_s > policy.max_client_queue_fraction * bound_s
+    )
     expected_s = waiting.running_left_s + cost.drain_s(waiting.work_ahead_tokens, BUDGET)  # factor 1
     if over_share:
         assert (verdict.admit, verdict.kind, verdict.code) == (False, "rate_limited", "fair_share_queue")
@@ -100,6 +103,21 @@ def test_more_work_ahead_never_turns_a_refusal_into_an_admission(
 @given(waiting=waitings(), policy=policies)
 def test_an_unmeasured_server_admits_everything(waiting: Waiting, policy: AdmissionPolicy) -> None:
     assert admit(waiting, ServiceCost(), BUDGET, policy).admit
+
+
+@given(waiting=waitings(), line=lines, policy=policies)
+def test_a_client_alone_in_the_queue_is_never_over_its_share(
+    waiting: Waiting, line: tuple[float, float], policy: AdmissionPolicy
+) -> None:
+    alone = Waiting(
+        waiting.client_backlog_tokens,  # all the work ahead is its own
+        waiting.client_backlog_tokens,
+        waiting.request_tokens,
+        waiting.running_left_s,
+        waiting.deadline_left_s,
+        waiting.interactive,
+    )
+    assert admit(alone, frozen(*line), BUDGET, policy).code != "fair_share_queue"
 
 
 @given(waiting=waitings(), line=lines, policy=policies)

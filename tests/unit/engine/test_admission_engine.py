@@ -176,16 +176,41 @@ async def test_a_client_over_its_share_in_time_gets_429_while_another_is_admitte
         )
     )
     blocker = await occupy_worker(engine, backend)
+    b = embed(engine, "b", texts("b", 1, 10))  # another client waits too: a must leave it room
+    await queued(engine, b, 1)
     a = embed(engine, "a", texts("a", 4, 10))  # a's first request: 40 ms, admitted even over its 50 ms share
-    await queued(engine, a, 4)
+    await queued(engine, a, 5)
     with pytest.raises(RateLimited) as over:  # 40 + 100 = 140 ms of a's own work > 50 ms share
         await engine.embed(EmbedRequest("minilm", tuple(texts("a2", 10, 10)), client="a"))
     assert over.value.code == "fair_share_queue"
     assert over.value.retry_after_s == pytest.approx(0.090)
-    b = embed(engine, "b", texts("b", 3, 10))  # another client still gets in
-    await queued(engine, b, 7)
+    b2 = embed(engine, "b", texts("b2", 3, 10))  # the other client still gets in
+    await queued(engine, b2, 8)
     backend.gate.set()
-    for task in (blocker, a, b):
+    for task in (blocker, a, b, b2):
+        await task
+
+
+async def test_a_client_alone_in_the_queue_is_bounded_by_the_queue_not_by_a_share(make: Factory) -> None:
+    """With nobody else waiting, a burst from one client is admitted up to the class bound."""
+    engine, backend, _ = await make(
+        AdmissionPolicy(
+            interactive_max_queue_ms=BOUND_MS,
+            batch_max_queue_ms=BOUND_MS,
+            max_client_queue_fraction=0.5,
+            own_work_allowance=0.0,
+        )
+    )
+    blocker = await occupy_worker(engine, backend)
+    a = embed(engine, "a", texts("a", 4, 10))
+    await queued(engine, a, 4)
+    a2 = embed(engine, "a", texts("a2", 10, 10))  # 140 ms of a's own work: over a share, but nobody else waits
+    await queued(engine, a2, 14)
+    with pytest.raises(Overloaded) as refused:  # 5 ms running + 140 ms ahead > 100 ms: the bound still holds
+        await engine.embed(EmbedRequest("minilm", tuple(texts("a3", 1, 10)), client="a"))
+    assert refused.value.code == "queue_full"
+    backend.gate.set()
+    for task in (blocker, a, a2):
         await task
 
 
