@@ -1,4 +1,6 @@
-"""``polyray serve``'s composition root: config -> tenancy -> engine -> app -> a bounded HTTP server.
+"""The composition root (``build_server``: config -> database -> tenancy -> cache -> engine ->
+heads -> app, started and stopped by one ``AsyncExitStack``) and ``polyray serve``'s bounded
+HTTP server around it.
 
 What this module adds to uvicorn, and why:
 
@@ -48,9 +50,11 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from functools import cached_property
 from http import HTTPStatus
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -67,7 +71,14 @@ from polyray.config import LOOPBACK_HOSTS, ConfigError, ServerConfig, Settings
 from polyray.errors import ErrorKind
 
 if TYPE_CHECKING:
-    from polyray.tenancy.service import BootstrapKeys
+    from fastapi import FastAPI
+
+    from polyray.backends.base import Backend
+    from polyray.engine.engine import Engine
+    from polyray.heads.service import HeadService
+    from polyray.observability.metrics import Metrics
+    from polyray.tenancy.service import BootstrapKeys, Tenancy
+    from polyray.types import ModelRef
 
 log = logging.getLogger("polyray.server")
 
@@ -642,6 +653,90 @@ class PolyrayServer(uvicorn.Server):
 # -- composition ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Server:
+    """The whole server, built and not yet started: what ``build_server`` returns.
+
+    ``running()`` starts the parts in dependency order and stops them in reverse through one
+    ``AsyncExitStack``: tenancy (directory refresh, ledger flush) first, then the engine (load,
+    warm, fit), then heads (training jobs embed through the engine). On the way down heads stop,
+    the engine finishes what it accepted, and tenancy stops last, so the ledger's last flush
+    holds the compute of every drained request. A part that fails to start stops the ones
+    started before it. The app's lifespan enters ``running()``; ``polyray embed`` enters it
+    without an app.
+    """
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine
+    tenancy: Tenancy | None = None  # None: no auth, no ledger, no heads
+    heads: HeadService | None = None  # with tenancy: heads live in the client database
+    warmup: bool = True
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if self.tenancy is not None:
+                await self.tenancy.start()
+                stack.push_async_callback(self.tenancy.stop)
+            await self.engine.start(warmup=self.warmup)
+            stack.push_async_callback(self.engine.stop)
+            if self.heads is not None:
+                await self.heads.start()
+                stack.push_async_callback(self.heads.stop)
+            yield
+
+    @cached_property
+    def app(self) -> FastAPI:
+        """The HTTP API over these parts; its lifespan is ``running()``. Built on first use:
+        ``polyray embed`` needs none."""
+        from polyray.api.app import create_app
+        from polyray.api.state import AppState
+
+        return create_app(AppState(self.engine, self.settings, self.metrics, self.tenancy, self.heads), self.running)
+
+
+def build_server(
+    settings: Settings,
+    *,
+    tenancy: bool = True,
+    metrics: Metrics | None = None,
+    warmup: bool = True,
+    backends: Mapping[ModelRef, Backend] | None = None,
+    on_keys: Callable[[BootstrapKeys], None] | None = None,
+) -> Server:
+    """The one composition root: config -> database -> tenancy -> cache -> engine -> heads -> app.
+
+    ``polyray serve``, ``polyray embed`` (``tenancy=False``, its models unfitted), the benchmark
+    server (a ``polyray serve`` process) and the tests build through here, so each runs the
+    parts wired as production wires them. ``tenancy=False``: no client database, so no auth, no
+    ledger and no heads. ``backends``: a test's own backends instead of ``settings.models``'.
+    ``on_keys`` gets the keys an empty database was given before anything that can fail is
+    built: they are stored hashed, so the caller must be able to show them however the start ends.
+    Building loads the models (a broken one fails here); nothing runs until ``running()``.
+    """
+    from polyray.engine.build import build_engine
+    from polyray.heads.service import HeadService
+    from polyray.heads.store import HeadStore
+    from polyray.observability.metrics import Metrics
+    from polyray.tenancy.service import Tenancy
+
+    metrics = metrics if metrics is not None else Metrics()
+    opened = Tenancy.open(settings.tenancy, on_record=metrics.on_usage) if tenancy else None
+    if opened is not None and opened.bootstrap_keys is not None and on_keys is not None:
+        on_keys(opened.bootstrap_keys)
+    engine = build_engine(
+        settings, observer=metrics, accounts=opened.accounts if opened is not None else None, backends=backends
+    )
+    metrics.watch_cache(engine.cache_report)
+    heads = None
+    if opened is not None:
+        metrics.watch_tenancy(opened.health_report)
+        dims = {info.ref: info.dim for info in engine.models()}
+        heads = HeadService(HeadStore(opened.db), engine, opened.accounts, dims=dims)
+    return Server(settings, metrics, engine, opened, heads, warmup)
+
+
 @dataclass(frozen=True)
 class Ready:
     """What ``on_ready`` is told: where the server answers and the keys made on this first start."""
@@ -676,11 +771,6 @@ def serve(
     # slowed the HTTP work that overlaps compute, and an idle server's spinning cut another
     # process's throughput by 2-3x. Set OMP_WAIT_POLICY yourself to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from polyray.api.app import create_app
-    from polyray.engine.build import build_engine
-    from polyray.observability.metrics import Metrics
-    from polyray.tenancy.service import Tenancy
-
     if settings.tenancy.auth == "none" and host not in LOOPBACK_HOSTS:
         raise ConfigError(f"[tenancy] auth = 'none' is allowed only on loopback, not --host {host}")
     fd_limit = raise_fd_limit()
@@ -692,10 +782,12 @@ def serve(
             limits.max_connections,
             fd_limit,
         )
-    metrics = Metrics()
-    tenancy = Tenancy.open(settings.tenancy, on_record=metrics.on_usage)
-    keys = tenancy.bootstrap_keys
+    keys: BootstrapKeys | None = None
     announced = False
+
+    def made_keys(made: BootstrapKeys) -> None:
+        nonlocal keys
+        keys = made
 
     def ready() -> None:
         nonlocal announced
@@ -707,11 +799,9 @@ def serve(
             on_not_started(keys)
 
     try:
-        engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)  # a broken model fails here
-        metrics.watch_cache(engine.cache_report)
-        metrics.watch_tenancy(tenancy.health_report)
+        parts = build_server(settings, on_keys=made_keys)  # a broken model fails here
         drain = DrainState(settings.server.drain_grace_s)
-        app = DrainGate(create_app(engine, settings, metrics, tenancy=tenancy), drain)
+        app = DrainGate(parts.app, drain)
         log.info(
             "connections: at most %d (descriptor limit %d); idle %gs, head %gs, body %gs; heads <= %d bytes, %d fields",
             limits.max_connections,
@@ -735,7 +825,7 @@ def serve(
             timeout_keep_alive=max(1, math.ceil(limits.idle_timeout_s)),  # unused: the protocol times out
         )
         server = PolyrayServer(config, drain, settings.server.shutdown_timeout_s, ready, abort, guard)
-        log.info("starting %s on %s", ", ".join(str(m.ref) for m in engine.models()), display_url(host, port))
+        log.info("starting %s on %s", ", ".join(str(m.ref) for m in parts.engine.models()), display_url(host, port))
         server.run()
     finally:
         abort()

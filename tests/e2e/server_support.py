@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
-from fastapi import FastAPI
 
+from polyray.benchmarks.server import free_port
+from polyray.server import Server
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["free_port", "serve_in_thread"]
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, start_timeout_s: float = 120.0) -> Iterator[str]:
-    """Serve ``app`` (its lifespan included: the engine loads and warms) and yield its base URL."""
+def serve_in_thread(server: Server, start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Serve ``server.app`` and yield its base URL. Its lifespan runs ``server.running()``, the
+    start and stop ``polyray serve`` runs (tenancy, then the engine loading and warming, then heads)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
-    while not server.started:
+    while not http.started:
         assert time.monotonic() < deadline, "server did not start"
         assert thread.is_alive(), "server thread died"
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
+        http.should_exit = True
         thread.join(timeout=30)

@@ -22,12 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ConfigError, ModelConfig, ServerConfig, Settings, TenancyConfig, parse_settings
-from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
-from polyray.observability.metrics import Metrics
+from polyray.server import Server, build_server
 from polyray.tenancy.service import FIRST_CLIENT, BootstrapKeys, Tenancy
 from polyray.types import ModelRef
 
@@ -96,31 +94,27 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BootstrapK
 
 
 def open_copy(
-    tmp_path: Path,
-    template: tuple[Path, BootstrapKeys],
-    server: ServerConfig | None = None,
-    metrics: Metrics | None = None,
-) -> tuple[Tenancy, Settings]:
+    tmp_path: Path, template: tuple[Path, BootstrapKeys], server: ServerConfig | None = None
+) -> tuple[Server, Tenancy]:
+    """A server built as ``polyray serve`` builds it, over a copy of the bootstrapped database."""
     shutil.copyfile(template[0], tmp_path / "polyray.db")
-    config = tenancy_config(tmp_path)
-    tenancy = Tenancy.open(config, on_record=metrics.on_usage if metrics is not None else None)
-    assert tenancy.bootstrap_keys is None  # not empty: no new keys
-    return tenancy, settings_for(config, server)
+    built = build_server(settings_for(tenancy_config(tmp_path), server), warmup=False)
+    assert built.tenancy is not None
+    assert built.tenancy.bootstrap_keys is None  # not empty: no new keys
+    return built, built.tenancy
 
 
 @asynccontextmanager
 async def serving(
     tmp_path: Path, template: tuple[Path, BootstrapKeys], server: ServerConfig | None = None
 ) -> AsyncIterator[Served]:
-    metrics = Metrics()  # wired as `polyray serve` wires it: engine observer and usage sink
-    tenancy, settings = open_copy(tmp_path, template, server, metrics)
+    built, tenancy = open_copy(tmp_path, template, server)
     keys = template[1]
-    engine = build_engine(settings, observer=metrics, accounts=tenancy.accounts)
-    app = create_app(engine, settings, metrics, warmup=False, tenancy=tenancy)
+    app = built.app
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10.0) as http:
-            yield Served(http, engine, tenancy, keys.client_key, keys.admin_key)
+            yield Served(http, built.engine, tenancy, keys.client_key, keys.admin_key)
 
 
 @pytest.fixture
@@ -551,9 +545,8 @@ async def test_refused_requests_are_not_in_usage(api: Served) -> None:
 
 @pytest.fixture
 def real_server(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> Iterator[tuple[str, str]]:
-    tenancy, settings = open_copy(tmp_path, template)
-    app = create_app(build_engine(settings, accounts=tenancy.accounts), settings, Metrics(), False, tenancy)
-    with serve_in_thread(app, start_timeout_s=30) as url:
+    built, _ = open_copy(tmp_path, template)
+    with serve_in_thread(built, start_timeout_s=30) as url:
         yield url, template[1].client_key
 
 

@@ -12,12 +12,12 @@ import orjson
 import pytest
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
-from polyray.config import ServerConfig, Settings
-from polyray.engine.engine import Engine
+from polyray.cache.config import CacheConfig
+from polyray.config import ModelConfig, Settings
 from polyray.observability.metrics import Metrics
-from polyray.policies import BatchPolicy
+from polyray.policies import AdmissionPolicy, BatchPolicy
+from polyray.server import build_server
 from polyray.types import ModelRef
 
 
@@ -38,13 +38,17 @@ class GatedBackend(DummyBackend):
 @pytest.fixture
 def server() -> Iterator[tuple[str, GatedBackend, Metrics]]:
     backend = GatedBackend()
-    settings = Settings()
-    metrics = Metrics()
-    engine = Engine({ModelRef("minilm", "1"): backend}, BatchPolicy(max_wait_ms=0), ServerConfig(), metrics)
-    app = create_app(engine, settings, metrics, warmup=False)
+    day_ms = 86_400_000.0  # time admission off: the worker is held on purpose, nobody is overloaded
+    settings = Settings(
+        batching=BatchPolicy(max_wait_ms=0),
+        models=(ModelConfig(backend="dummy"),),
+        cache=CacheConfig(enabled=False),
+        admission=AdmissionPolicy(interactive_max_queue_ms=day_ms, batch_max_queue_ms=day_ms),
+    )
+    built = build_server(settings, tenancy=False, warmup=False, backends={ModelRef("minilm", "1"): backend})
     try:
-        with serve_in_thread(app) as url:
-            yield url.removeprefix("http://"), backend, metrics
+        with serve_in_thread(built) as url:
+            yield url.removeprefix("http://"), backend, built.metrics
     finally:
         backend.gate.set()  # a failed test must not leave the worker blocked for the gate's 30 s
 

@@ -21,14 +21,12 @@ import numpy as np
 import pytest
 from test_auth_api import assert_error, template, tenancy_config
 
-from polyray.api.app import create_app
 from polyray.config import ModelConfig, ServerConfig, Settings
-from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
 from polyray.heads.kinds import HeadKind
 from polyray.heads.service import HeadService
 from polyray.heads.store import HeadStore
-from polyray.observability.metrics import Metrics
+from polyray.server import build_server
 from polyray.tenancy.service import BootstrapKeys, Tenancy
 from polyray.types import ModelRef
 
@@ -79,7 +77,6 @@ class HeadsApi:
 async def serving(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> AsyncIterator[HeadsApi]:
     shutil.copyfile(template[0], tmp_path / "polyray.db")
     config = tenancy_config(tmp_path)
-    tenancy = Tenancy.open(config)
     settings = Settings(
         server=ServerConfig(max_items=64),
         models=(
@@ -88,8 +85,9 @@ async def serving(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> Async
         ),
         tenancy=config,
     )
-    engine = build_engine(settings, accounts=tenancy.accounts)
-    app = create_app(engine, settings, Metrics(), warmup=False, tenancy=tenancy)
+    built = build_server(settings, warmup=False)
+    tenancy, engine, app = built.tenancy, built.engine, built.app
+    assert tenancy is not None
     keys = template[1]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -102,8 +100,8 @@ async def serving(tmp_path: Path, template: tuple[Path, BootstrapKeys]) -> Async
                     made = await http.post(f"/v1/admin/clients/{name}/rotate-key", headers=admin)
                 assert made.status_code in (200, 201), made.text
                 client_keys.append(made.json()["api_key"])
-            heads = app.state.polyray.heads
-            assert heads is not None
+            heads = built.heads
+            assert heads is not None and app.state.polyray.heads is heads
             yield HeadsApi(http, engine, tenancy, heads, client_keys[0], client_keys[1], keys.admin_key)
 
 

@@ -15,12 +15,9 @@ import httpx
 import pytest
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.config import ModelConfig, Settings, TenancyConfig
-from polyray.engine.build import build_engine
 from polyray.heads.datasets import load_topics
-from polyray.observability.metrics import Metrics
-from polyray.tenancy.service import Tenancy
+from polyray.server import build_server
 
 pytestmark = pytest.mark.model
 
@@ -38,12 +35,12 @@ UNSEEN = {
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     home = tmp_path_factory.mktemp("heads-real")
     config = TenancyConfig(database_url=f"sqlite:///{home}/polyray.db", spool_path=str(home / "spool.jsonl"))
-    tenancy = Tenancy.open(config)
-    assert tenancy.bootstrap_keys is not None
     settings = Settings(models=(ModelConfig(name="minilm", version="1", threads=2),), tenancy=config)
-    app = create_app(build_engine(settings, accounts=tenancy.accounts), settings, Metrics(), True, tenancy)
-    with serve_in_thread(app) as url:
-        yield url, tenancy.bootstrap_keys.client_key
+    built = build_server(settings)
+    assert built.tenancy is not None and built.tenancy.bootstrap_keys is not None
+    keys = built.tenancy.bootstrap_keys
+    with serve_in_thread(built) as url:
+        yield url, keys.client_key
 
 
 def wait_ready(http: httpx.Client, head_id: str, timeout_s: float = 120.0) -> tuple[dict[str, Any], list[float]]:

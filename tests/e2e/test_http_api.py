@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,16 +24,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.backends.dummy import DummyBackend
 from polyray.config import ModelConfig, ServerConfig, Settings, parse_settings
-from polyray.engine.build import build_engine
 from polyray.engine.engine import Engine
 from polyray.observability.metrics import Metrics
-from polyray.policies import BatchPolicy, FairnessPolicy
+from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
+from polyray.server import build_server
 from polyray.types import ModelRef
 
 REF = ModelRef("minilm", "1")
+DAY_MS = 86_400_000.0
 ROUTE = "/v1/embeddings"
 DIM = 384
 MAX_ITEMS = 4
@@ -72,21 +72,21 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    settings: Settings, *, engine: Engine | None = None, metrics: Metrics | None = None, start: bool = True
+    settings: Settings, *, backends: dict[ModelRef, DummyBackend] | None = None, start: bool = True
 ) -> AsyncIterator[Served]:
-    metrics = metrics or Metrics()
+    """The app as ``build_server`` composes it (no client database), driven in process without
+    its lifespan: ``start=False`` shows a server whose engine has not started."""
     # The protocol tests compare answers exactly; a repeated text would come from the cache (fp16).
     settings = replace(settings, cache=replace(settings.cache, enabled=False))
-    engine = engine or build_engine(settings, observer=metrics)
-    if start:
-        await engine.start(warmup=False)
-    try:
-        app = create_app(engine, settings, metrics)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10.0) as client:
-            yield Served(client, engine, metrics)
-    finally:
-        await engine.stop()
+    server = build_server(settings, tenancy=False, warmup=False, backends=backends)
+    async with AsyncExitStack() as stack:
+        if start:
+            await stack.enter_async_context(server.running())
+        transport = httpx.ASGITransport(app=server.app)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10.0)
+        )
+        yield Served(client, server.engine, server.metrics)
 
 
 @pytest.fixture
@@ -328,18 +328,17 @@ async def test_queue_full_is_503_with_retry_after() -> None:
     """A busy worker and a 4-text queue: the excess is refused at once, the admitted all finish."""
     server = ServerConfig(max_items=2, max_body_bytes=MAX_BODY_BYTES, max_queue_items=4)
     backend = DummyBackend(seconds_per_token=0.005)  # a batch of two 10-token texts: 0.1 s
-    metrics = Metrics()
-    # Every caller here is the one anonymous client: no per-client queue cap, so the whole queue is its.
-    engine = Engine(
-        {REF: backend},
-        BatchPolicy(max_batch_size=2, max_wait_ms=0.0),
-        server,
-        observer=metrics,
+    # Every caller here is the one anonymous client: no per-client queue cap, so the whole queue
+    # is its; time admission off (a day's bound): the count bound is what this test is about.
+    settings = Settings(
+        server=server,
+        batching=BatchPolicy(max_batch_size=2, max_wait_ms=0.0),
+        models=(ModelConfig(backend="dummy"),),
         fairness=FairnessPolicy(max_client_queue_fraction=1.0),
+        admission=AdmissionPolicy(interactive_max_queue_ms=DAY_MS, batch_max_queue_ms=DAY_MS),
     )
-    settings = Settings(server=server, models=(ModelConfig(backend="dummy"),))
     texts = [[f"request {i} text {j} one two three four" for j in range(2)] for i in range(12)]
-    async with serving(settings, engine=engine, metrics=metrics) as served:
+    async with serving(settings, backends={REF: backend}) as served:
         started = time.monotonic()
         responses = await asyncio.gather(*(served.client.post(ROUTE, json=body(input=t)) for t in texts))
         elapsed_s = time.monotonic() - started
@@ -607,11 +606,12 @@ async def test_unknown_query_parameter_is_400(api: Served, query: str, param: st
 async def test_hang_up_mid_body_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
     """Over real TCP: the body is announced as 1,000 bytes, 100 are sent, the socket closes. No
     traceback and no ERROR is logged, the server counts it, and the next request is served."""
-    engine = build_engine(replace(make_settings(), cache=replace(make_settings().cache, enabled=False)))
-    metrics = Metrics()
-    app = create_app(engine, make_settings(), metrics, warmup=False)
+    built = build_server(
+        replace(make_settings(), cache=replace(make_settings().cache, enabled=False)), tenancy=False, warmup=False
+    )
+    metrics = built.metrics
     caplog.set_level(logging.DEBUG)
-    with serve_in_thread(app) as base_url:
+    with serve_in_thread(built) as base_url:
         host, port = base_url.removeprefix("http://").split(":")
         _, writer = await asyncio.open_connection(host, int(port))
         writer.write(

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.backends.calibrate import row_cosines
 from polyray.backends.torch import TorchBackend
 from polyray.cache.config import CacheConfig
 from polyray.config import ModelConfig, Settings
-from polyray.engine.build import build_engine
-from polyray.observability.metrics import Metrics
 from polyray.registry.model_dir import read_model_dir
+from polyray.server import build_server
 
 pytestmark = pytest.mark.model
 
@@ -49,8 +47,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ),
         cache=CacheConfig(enabled=False),  # the model path, not cache hits
     )
-    metrics = Metrics()
-    with serve_in_thread(create_app(build_engine(settings, observer=metrics), settings, metrics)) as url:
+    with serve_in_thread(build_server(settings, tenancy=False)) as url:
         yield url
 
 

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.cache.config import CacheConfig
 from polyray.config import Settings
-from polyray.engine.build import build_engine
-from polyray.observability.metrics import Metrics
 from polyray.registry.model_dir import read_model_dir
+from polyray.server import build_server
 
 pytestmark = pytest.mark.model
 
@@ -31,8 +29,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     settings = Settings(cache=CacheConfig(enabled=False))  # these tests check the model path, not cache hits
-    metrics = Metrics()
-    with serve_in_thread(create_app(build_engine(settings, observer=metrics), settings, metrics)) as url:
+    with serve_in_thread(build_server(settings, tenancy=False)) as url:
         yield url
 
 

@@ -24,11 +24,9 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import allow_header_conformance
 from server_support import serve_in_thread
 
-from polyray.api.app import create_app
 from polyray.config import ModelConfig, ServerConfig, Settings, TenancyConfig
-from polyray.engine.build import build_engine
-from polyray.observability.metrics import Metrics
-from polyray.tenancy.service import Tenancy
+from polyray.server import build_server
+from polyray.tenancy.service import BootstrapKeys
 
 # Per operation and phase (~25 operations): seconds here. A longer hunt for new cases:
 # HYPOTHESIS_PROFILE=explore POLYRAY_SCHEMATHESIS_EXAMPLES=300 pytest tests/e2e/test_schemathesis.py
@@ -55,12 +53,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         models=(ModelConfig(name="minilm", version="1", backend="dummy", dim=16, fit_batch_budget=False),),
         tenancy=config,
     )
-    tenancy = Tenancy.open(config)
-    keys = tenancy.bootstrap_keys
-    assert keys is not None
-    engine = build_engine(settings_, accounts=tenancy.accounts)
-    app = create_app(engine, settings_, Metrics(), warmup=False, tenancy=tenancy)
-    with serve_in_thread(app) as base_url:
+    made: list[BootstrapKeys] = []
+    built = build_server(settings_, warmup=False, on_keys=made.append)
+    (keys,) = made  # an empty database: the first client and an admin key, announced once
+    with serve_in_thread(built) as base_url:
         yield base_url, keys.client_key, keys.admin_key
 
 

@@ -1,24 +1,35 @@
-"""The pure parts of ``polyray.server``: the connection budget under a descriptor limit, the
-displacement order of the connection guard, and which requests a draining server refuses."""
+"""``polyray.server``: the pure parts (the connection budget under a descriptor limit, the
+displacement order of the connection guard, which requests a draining server refuses) and the
+composition root (start and stop order, what ``build_server`` wires, the ledger's last flush)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from polyray.config import ModelConfig, Settings, TenancyConfig
+from polyray.observability.metrics import Metrics
 from polyray.server import (
     FD_RESERVE,
     Admission,
     ConnectionGuard,
     ConnectionLimits,
+    Server,
     Slot,
+    build_server,
     connection_budget,
     display_url,
     is_new_work,
     lingering_slots,
 )
+from polyray.tenancy.reports import usage_totals
+from polyray.tenancy.service import BootstrapKeys
+from polyray.types import EmbedRequest, ModelRef
 
 
 @given(configured=st.integers(1, 2_000_000), fd_limit=st.integers(64, 2_000_000))
@@ -108,3 +119,89 @@ def test_a_wildcard_bind_address_is_shown_as_loopback() -> None:
     assert display_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert display_url("::", 8000) == "http://[::1]:8000"
     assert display_url("10.0.0.5", 80) == "http://10.0.0.5:80"
+
+
+# -- the composition root ------------------------------------------------------------------------
+
+
+class Part:
+    """A part's lifecycle as ``Server.running`` drives it: records each call, may fail to start."""
+
+    def __init__(self, name: str, calls: list[str], fail_start: bool = False) -> None:
+        self.name, self.calls, self.fail_start = name, calls, fail_start
+
+    async def start(self, warmup: bool = True) -> None:
+        self.calls.append(f"{self.name} start" + ("" if warmup else " (no warmup)"))
+        if self.fail_start:
+            raise RuntimeError(f"{self.name} did not start")
+
+    async def stop(self) -> None:
+        self.calls.append(f"{self.name} stop")
+
+
+def parts(calls: list[str], failing: str | None = None, warmup: bool = True) -> Server:
+    tenancy, engine, heads = (Part(n, calls, fail_start=n == failing) for n in ("tenancy", "engine", "heads"))
+    return Server(Settings(), Metrics(), engine, tenancy, heads, warmup)  # type: ignore[arg-type]
+
+
+async def test_parts_start_in_dependency_order_and_stop_in_reverse_tenancy_last() -> None:
+    """Tenancy stops last: the ledger's last flush comes after the engine finished what it accepted."""
+    calls: list[str] = []
+    async with parts(calls, warmup=False).running():
+        assert calls == ["tenancy start", "engine start (no warmup)", "heads start"]
+    assert calls[3:] == ["heads stop", "engine stop", "tenancy stop"]
+
+
+@pytest.mark.parametrize(
+    ("failing", "expected"),
+    [
+        ("tenancy", ["tenancy start"]),
+        ("engine", ["tenancy start", "engine start", "tenancy stop"]),
+        ("heads", ["tenancy start", "engine start", "heads start", "engine stop", "tenancy stop"]),
+    ],
+)
+async def test_a_part_that_fails_to_start_stops_the_ones_started_before_it(failing: str, expected: list[str]) -> None:
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match=f"{failing} did not start"):
+        async with parts(calls, failing).running():
+            raise AssertionError("served although a part failed to start")
+    assert calls == expected
+
+
+def dummy_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        models=(ModelConfig(name="minilm", version="1", backend="dummy", dim=8),),
+        tenancy=TenancyConfig(
+            database_url=f"sqlite:///{tmp_path}/polyray.db", spool_path=str(tmp_path / "usage-spool.jsonl")
+        ),
+    )
+
+
+async def test_build_server_wires_tenancy_engine_heads_and_app_and_the_ledger_flushes_on_stop(tmp_path: Path) -> None:
+    made: list[BootstrapKeys] = []
+    server = build_server(dummy_settings(tmp_path), warmup=False, on_keys=made.append)
+    (keys,) = made
+    assert server.tenancy is not None and server.tenancy.bootstrap_keys == keys
+    assert server.heads is not None and server.heads.dims == {ModelRef("minilm", "1"): 8}
+    state = server.app.state.polyray
+    assert (state.engine, state.tenancy, state.heads, state.metrics) == (
+        server.engine,
+        server.tenancy,
+        server.heads,
+        server.metrics,
+    )
+    async with server.running():
+        result = await server.engine.embed(EmbedRequest("minilm", ("hello", "world"), client=keys.client))
+        assert result.vectors.shape == (2, 8)
+    # Stopped: the ledger wrote its last batch to the database, read back by a fresh open.
+    reopened = build_server(dummy_settings(tmp_path), warmup=False)
+    assert reopened.tenancy is not None
+    totals = usage_totals(reopened.tenancy.db, since=datetime(2000, 1, 1, tzinfo=UTC))
+    reopened.tenancy.db.dispose()
+    assert [(t.group, t.num_texts) for t in totals] == [(keys.client, 2)]
+
+
+def test_build_server_without_tenancy_is_the_engine_alone(tmp_path: Path) -> None:
+    server = build_server(dummy_settings(tmp_path), tenancy=False)
+    assert server.tenancy is None and server.heads is None
+    assert not (tmp_path / "polyray.db").exists()  # no client database opened

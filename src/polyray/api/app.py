@@ -1,9 +1,15 @@
-"""The FastAPI app: routes, the error table, and the engine's lifecycle."""
+"""The FastAPI app over parts already built: routes, the error table, the OpenAPI document.
+
+Nothing is built here: ``polyray.server.build_server`` (the one composition root) builds the
+tenancy, engine and heads and passes them in as an ``AppState``, with ``running``, the one
+context that starts and stops them; the app's lifespan only enters it. Kept apart so the routes
+can be served over parts a test built differently, and so the app has no say in start order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
@@ -13,57 +19,22 @@ from polyray.api.errors import install_error_handlers
 from polyray.api.openapi import install_openapi
 from polyray.api.routes import admin, embeddings, heads, system, usage
 from polyray.api.state import AppState
-from polyray.config import Settings
-from polyray.engine.client import EngineClient
-from polyray.heads.service import HeadService
-from polyray.heads.store import HeadStore
-from polyray.observability.metrics import Metrics
-from polyray.tenancy.service import Tenancy
 
 
-def create_app(
-    engine: EngineClient,
-    settings: Settings,
-    metrics: Metrics | None = None,
-    warmup: bool = True,
-    tenancy: Tenancy | None = None,
-) -> FastAPI:
-    """The engine starts (loads and warms) with the app and drains on shutdown; then the usage
-    ledger flushes, so the compute of every drained request is on record. With a client database
-    the heads service starts after the engine (its training jobs embed through it) and stops first."""
-    head_service = (
-        HeadService(
-            HeadStore(tenancy.db),
-            engine,
-            tenancy.accounts,
-            dims={info.ref: info.dim for info in engine.models()},
-        )
-        if tenancy is not None
-        else None
-    )
+def create_app(state: AppState, running: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    """Serve ``state``'s parts; the lifespan enters ``running()`` (None: the caller starts and
+    stops the parts itself, as a test driving the app without a lifespan does)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if tenancy is not None:
-            await tenancy.start()
-        try:
-            await engine.start(warmup=warmup)
-            try:
-                if head_service is not None:
-                    await head_service.start()
-                try:
-                    yield
-                finally:
-                    if head_service is not None:
-                        await head_service.stop()
-            finally:
-                await engine.stop()
-        finally:
-            if tenancy is not None:
-                await tenancy.stop()
+        if running is None:
+            yield
+            return
+        async with running():
+            yield
 
     app = FastAPI(title="polyray", version=__version__, lifespan=lifespan, dependencies=[Depends(strict_query)])
-    app.state.polyray = AppState(engine, settings, metrics or Metrics(), tenancy, head_service)
+    app.state.polyray = state
     install_error_handlers(app)
     app.include_router(embeddings.router)
     app.include_router(system.router)

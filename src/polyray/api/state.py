@@ -1,4 +1,5 @@
-"""What the routes share: the engine client, settings, metrics and tenancy (None: no auth, no ledger)."""
+"""What the routes share: the engine client, settings, metrics, tenancy (None: no auth, no ledger)
+and heads, as ``polyray.server.build_server`` built them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Start a real ``polyray serve`` subprocess for a benchmark: its own config, data directory and port.
 
 Benchmarks measure the server as users run it (a separate process, loopback HTTP), so every
-bench starts one the same way: write ``config_toml`` into a fresh ``home`` (also its
+bench starts one the same way (so it is built by ``polyray.server.build_server``, the one
+composition root, as in production): write ``config_toml`` into a fresh ``home`` (also its
 ``POLYRAY_HOME``, so the ledger and spool are throw-away), pick a free port, and wait for
 ``/readyz``.
 """

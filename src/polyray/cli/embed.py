@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from polyray.engine.build import build_engine
+    from polyray.server import build_server
     from polyray.types import EmbedRequest
 
     # A one-shot command: fitting a batch budget (seconds of measurement) cannot pay for a
@@ -26,14 +26,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(
         settings, models=tuple(dataclasses.replace(m, fit_batch_budget=False) for m in settings.models)
     )
-    engine = build_engine(settings)
+    # The engine alone: no client database (nothing to authenticate or charge), no heads, no app.
+    server = build_server(settings, tenancy=False, warmup=False)
 
     async def run() -> dict[str, object]:
-        await engine.start(warmup=False)
-        try:
-            result = await engine.embed(EmbedRequest(args.model, tuple(args.texts)))
-        finally:
-            await engine.stop()
+        async with server.running():
+            result = await server.engine.embed(EmbedRequest(args.model, tuple(args.texts)))
         return {
             "model": str(result.model),
             "embeddings": result.vectors.tolist(),

@@ -1,8 +1,8 @@
 """``polyray serve``: run the HTTP API.
 
-The composition lives in ``polyray.server``; this module is what the person at the terminal
-sees: a line while the models load, then the ready banner with the bootstrap keys of a first
-start and a curl line that works when pasted.
+The composition lives in ``polyray.server`` (``build_server``); this module is what the person
+at the terminal sees: a line while the models load, then the ready banner with the bootstrap
+keys of a first start and a curl line that works when pasted.
 """
 
 from __future__ import annotations
