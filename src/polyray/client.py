@@ -503,12 +503,17 @@ def _model_param(model: str | None) -> dict[str, str]:
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (polyray sends seconds; an HTTP date is not worth parsing here)."""
-    value = response.headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    """``Retry-After-Ms`` (polyray's exact estimate, the header OpenAI's SDK reads too) when sent,
+    else ``Retry-After`` in seconds (an HTTP date is not worth parsing here)."""
+    for header, divisor in (("Retry-After-Ms", 1000.0), ("Retry-After", 1.0)):
+        value = response.headers.get(header)
+        if value is None:
+            continue
+        try:
+            return float(value) / divisor
+        except ValueError:
+            continue
+    return None
 
 
 def _api_error(response: httpx.Response) -> PolyrayAPIError:

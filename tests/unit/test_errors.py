@@ -114,6 +114,18 @@ def test_the_sdk_reads_the_apis_answer_back_as_the_same_error(error: PolyrayErro
         error.param,
     )
     assert (got.retry_after_s is not None) == (error.kind in RETRY_AFTER_KINDS)
+    if error.retry_after_s is not None:  # the exact estimate survives, not the whole seconds
+        assert got.retry_after_s == pytest.approx(error.retry_after_s, abs=1e-3)
+
+
+def test_a_refusal_sends_its_estimate_in_ms_as_openais_sdk_reads_it() -> None:
+    """Retry-After is whole seconds; an admission estimate of 80 ms also goes out as Retry-After-Ms,
+    the header openai-python's retry loop reads first, so a refused burst is retried in 80 ms."""
+    openai_client = pytest.importorskip("openai")._base_client
+    sent = polyray_error_response(Overloaded("queue full", code="queue_full", retry_after_s=0.08))
+    assert (sent.headers["retry-after"], sent.headers["retry-after-ms"]) == ("1", "80")
+    source = Path(openai_client.__file__).read_text(encoding="utf-8")
+    assert '"retry-after-ms"' in source  # the SDK's retry loop still reads this header
 
 
 @pytest.mark.parametrize("kind", list(ErrorKind), ids=str)

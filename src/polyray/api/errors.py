@@ -38,7 +38,12 @@ def error_response(
     body = {"error": {"message": message, "type": kind.value, "code": code or kind.value, "param": param}}
     headers = dict(headers or {})
     if retry_after_s is not None or kind in RETRY_AFTER_KINDS:
+        # Retry-After is whole seconds by RFC 9110; an admission refusal's estimate is often tens of
+        # ms, so it is also sent exactly as Retry-After-Ms, which OpenAI's Python SDK (and
+        # polyray.Client) prefer: a refused burst comes back when the queue has drained, not a second later.
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
+        if retry_after_s is not None:
+            headers["Retry-After-Ms"] = str(max(1, math.ceil(retry_after_s * 1000.0)))
     if kind is ErrorKind.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = 'Bearer realm="polyray"'
     return Response(
