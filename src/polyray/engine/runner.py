@@ -30,9 +30,14 @@ re-decides when measured speed drifts from the fit. With a fitted cost line the 
 also skipped when waiting cannot pay (``budget_fit.should_wait``: too few arrivals expected
 within one call's fixed cost), so a lone request at low load runs at once.
 
-Cost: each batch's compute (worker wall time, integer ns) is split over its entries by padded
-tokens (``tenancy.costs``) and charged to their clients through ``charge`` as it is measured,
-whether or not the caller is still there, so charged compute always equals measured compute.
+Cost: each batch's compute (worker wall time, integer ns) is settled as it is measured
+(``engine.settlement``): split over its entries by padded tokens (``tenancy.costs``), each share
+over the entry's sharers, and charged to their clients through ``charge`` whether or not the
+caller is still there, so charged compute always equals measured compute.
+
+The loop reads as its stages: drop the dead, ``_schedule`` (the next batch, or how long to
+sleep), ``_when_worker_free``, ``_launch``; a finished batch comes back to ``_deliver``: hold the
+next one briefly, ``_learn`` (cost line, fitter), settle, resolve, report.
 """
 
 from __future__ import annotations
