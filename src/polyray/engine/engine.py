@@ -27,7 +27,7 @@ from polyray.engine.budget_fit import BudgetDecision, BudgetFitter
 from polyray.engine.inflight import InflightTable, WaitKey, leave, wait_key
 from polyray.engine.observer import EngineObserver, NullObserver
 from polyray.engine.queue import Entry, EntryResult
-from polyray.engine.runner import ModelRunner
+from polyray.engine.runner import ModelRunner, Prediction
 from polyray.engine.tokenize import Tokenizer, estimate_tokens, truncated_indices
 from polyray.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded
 from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
@@ -266,7 +266,7 @@ class Engine:
 
     def _dedup_and_submit(
         self, call: _Call, texts: _Texts, now_s: float
-    ) -> tuple[dict[WaitKey, tuple[Entry, int]], tuple[float, float] | None]:
+    ) -> tuple[dict[WaitKey, tuple[Entry, int]], Prediction | None]:
         """The entries this request waits for (each with its slot among the sharers), and the wait
         admission predicted for it. Texts already queued or computing for another request join
         that entry; the rest are submitted all at once (all or none: ``Overloaded`` /
@@ -280,10 +280,9 @@ class Engine:
 
         have = [v is not None for v in texts.vectors]
         claim = table.claim([t.ids for t in texts.tokenized], texts.keys, have, new_entry, call.client)
-        runner.last_prediction = None
+        prediction = None
         if claim.new:
-            runner.submit(list(claim.new.values()))  # raises the refusal: nothing joined yet
-        prediction = runner.last_prediction  # set by submit when admission predicted the wait
+            prediction = runner.submit(list(claim.new.values()))  # raises the refusal: nothing joined yet
         for entry in claim.joins.values():
             runner.queue.promote(entry, call.client, call.weight, call.interactive)  # no-op once computing
         waits = table.commit(claim, call.client, call.deadline_s)

@@ -65,6 +65,9 @@ from polyray.types import ModelRef
 
 log = logging.getLogger(__name__)
 
+# Admission's prediction of a request's wait: (queue drain in compute seconds, before calibration;
+# the rest of the pass in progress), in seconds.
+Prediction = tuple[float, float]
 # The interactive cap never goes below this: a pass of a few short texts, so a slow machine does not
 # serve the batch class one text per forward call (a longer entry still runs alone).
 MIN_INTERACTIVE_CAP_TOKENS = 16
@@ -115,9 +118,6 @@ class ModelRunner:
         self._running_started_s = 0.0
         self._refused = RefusedDemand()  # spreads the Retry-After of refusals close together
         self.calibration = WaitCalibration()  # measured / predicted wait of admitted requests
-        # Of the request ``submit`` admitted last: (queue drain in compute seconds, rest of the pass
-        # in progress); the engine reports the wait it then had (``observe_wait``).
-        self.last_prediction: tuple[float, float] | None = None
         self._last_interactive_s = float("-inf")
         self.measured_compute_ns = 0  # Σ of every batch's measured compute (the conservation check)
         self.observer = observer
@@ -190,9 +190,12 @@ class ModelRunner:
             "decision": decision.as_dict() if decision is not None else None,
         }
 
-    def submit(self, entries: list[Entry]) -> None:
+    def submit(self, entries: list[Entry]) -> Prediction | None:
         """Queue a request's new entries (all of one client, class and deadline), or refuse them
-        (``Overloaded`` 503, ``RateLimited`` 429) before anything is queued."""
+        (``Overloaded`` 503, ``RateLimited`` 429) before anything is queued.
+
+        Returns admission's prediction of the request's wait (None without admission); the
+        engine reports the wait it then had (``observe_wait``)."""
         if self._closing:
             raise Overloaded("the server is shutting down", code="shutting_down", retry_after_s=5.0)
         now_s = self.clock()
@@ -202,14 +205,17 @@ class ModelRunner:
             num_tokens = sum(e.num_tokens for e in entries)
             deadline_s = min(e.deadline_s for e in entries)
             first = entries[0]
-            self.last_prediction = self._admit(
+            prediction: Prediction | None = self._admit(
                 first.client, first.weight, first.interactive, deadline_s, num_tokens, num_tokens, now_s
             )
+        else:
+            prediction = None
         drain = functools.partial(self.cost.drain_s, budget_tokens=self.policy.budget_tokens)
         self.queue.push(entries, drain if self.cost.known else None)
         self._arrivals = self._arrivals.observe(now_s, len(entries))
         self.observer.on_queue_depth(self.ref, len(self.queue))
         self._wake.set()
+        return prediction
 
     def precheck(self, client: str, interactive: bool, deadline_s: float, estimated_tokens: int) -> None:
         """Refuse before tokenizing when the queue alone already rules a request out: under overload
@@ -218,8 +224,8 @@ class ModelRunner:
         if self.admission is not None and not self._closing:
             self._admit(client, 1.0, interactive, deadline_s, 0, estimated_tokens, self.clock())
 
-    def observe_wait(self, prediction: tuple[float, float], waited_s: float) -> None:
-        """A request admitted with ``prediction`` (``last_prediction``) waited ``waited_s`` for its
+    def observe_wait(self, prediction: Prediction, waited_s: float) -> None:
+        """A request admitted with ``prediction`` (from ``submit``) waited ``waited_s`` for its
         last entry to start computing (its ``queue_ms``): calibrate the queue-drain part only, so
         a misjudged pass in progress cannot inflate the factor for everyone."""
         drain_s, running_left_s = prediction
@@ -234,7 +240,7 @@ class ModelRunner:
         request_tokens: int,
         refused_tokens: int,
         now_s: float,
-    ) -> tuple[float, float]:
+    ) -> Prediction:
         """Raise the refusal, or return the prediction: (queue drain in compute seconds, before
         calibration; the rest of the pass in progress)."""
         assert self.admission is not None
