@@ -67,12 +67,12 @@ def split_dead(entries: list[Entry], now_s: float) -> tuple[list[Entry], list[En
 
 
 class EntryQueue:
-    """``max_entries`` overall; one client may hold at most ``max_client_fraction`` of it, so a
+    """``max_queue_items`` overall; one client may hold at most ``max_client_fraction`` of it, so a
     flood from one client leaves room for the others (over it: 429 ``fair_share_queue``)."""
 
-    def __init__(self, max_entries: int, max_client_fraction: float = 1.0) -> None:
-        self.max_entries = max_entries
-        self.max_client_entries = max(1, int(max_entries * max_client_fraction))
+    def __init__(self, max_queue_items: int, max_client_fraction: float = 1.0) -> None:
+        self.max_queue_items = max_queue_items
+        self.max_client_queue_items = max(1, int(max_queue_items * max_client_fraction))
         self._fair: FairQueue[Entry] = FairQueue()
         self.tokens = 0  # Σ tokens of the queued entries
 
@@ -90,22 +90,22 @@ class EntryQueue:
         def retry_after_s(num_entries: int) -> float:
             return max(0.05, drain_s(num_entries * mean_tokens)) if drain_s is not None else 1.0
 
-        excess = len(self._fair) + len(entries) - self.max_entries
+        excess = len(self._fair) + len(entries) - self.max_queue_items
         if excess > 0:
             raise Overloaded(
-                f"the queue is full ({len(self._fair)} of {self.max_entries} texts waiting); retry shortly",
+                f"the queue is full ({len(self._fair)} of {self.max_queue_items} texts waiting); retry shortly",
                 code="queue_full",
                 retry_after_s=retry_after_s(excess),
             )
         if entries:
             client = entries[0].client
             held = self._fair.num_waiting(client)
-            if held and held + len(entries) > self.max_client_entries:
+            if held and held + len(entries) > self.max_client_queue_items:
                 raise RateLimited(
                     f"client {client!r} already has {held} texts waiting; one client may queue at most "
-                    f"{self.max_client_entries} (fair share of the queue); retry when some are done",
+                    f"{self.max_client_queue_items} (fair share of the queue); retry when some are done",
                     code="fair_share_queue",
-                    retry_after_s=retry_after_s(held + len(entries) - self.max_client_entries),
+                    retry_after_s=retry_after_s(held + len(entries) - self.max_client_queue_items),
                 )
         for entry in entries:
             self._fair.push(entry.client, entry, entry.num_tokens, entry.weight)

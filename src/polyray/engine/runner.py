@@ -93,7 +93,7 @@ class ModelRunner:
         ref: ModelRef,
         backend: Backend,
         policy: BatchPolicy,
-        max_queue_entries: int,
+        max_queue_items: int,
         observer: EngineObserver,
         clock: Callable[[], float] = time.monotonic,
         fairness: FairnessPolicy | None = None,
@@ -111,7 +111,7 @@ class ModelRunner:
         self.fitter = fitter
         self.configured_policy = policy  # before any fit: what the config said
         self._arrivals = ArrivalRate()
-        self.queue = EntryQueue(max_queue_entries, self.fairness.max_client_queue_fraction)
+        self.queue = EntryQueue(max_queue_items, self.fairness.max_client_queue_fraction)
         self.admission = admission  # None: only the queue's count bounds apply
         self.cost = ServiceCost()  # the measured cost line (admission, the interactive cap)
         self._running_tokens = 0
