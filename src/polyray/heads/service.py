@@ -75,7 +75,10 @@ class Embedder(Protocol):
 
 
 @dataclass(frozen=True)
-class InferResult:
+class HeadInference:
+    """One infer call on the server: the embedding, each row's head outputs and the time they took
+    (named apart from the SDK's ``polyray.InferResult``, which is what the caller gets back)."""
+
     embedding: EmbedResult
     names: tuple[str, ...]  # the heads as the request named them, in its order (duplicates removed)
     outputs: list[list[HeadOutput]]  # per input row, per name
@@ -298,7 +301,7 @@ class HeadService:
     # -- inference -------------------------------------------------------------------------
     async def infer(
         self, client: str, model: str, texts: Sequence[str], names: Sequence[str], truncate: bool = True
-    ) -> InferResult:
+    ) -> HeadInference:
         """Embed ``texts`` once (cache, dedup, batching as any request) and apply every named head."""
         ref = self.engine.resolve(model)
         unique = tuple(dict.fromkeys(names))
@@ -316,13 +319,13 @@ class HeadService:
         stack = await self._stack(specs) if specs else None
         embedded = await self.engine.embed(EmbedRequest(str(ref), tuple(texts), client=client, truncate=truncate))
         if stack is None:
-            return InferResult(embedded, unique, [[] for _ in texts], 0)
+            return HeadInference(embedded, unique, [[] for _ in texts], 0)
         started_ns = time.perf_counter_ns()
         outputs = stack.apply(embedded.vectors)
         heads_ns = time.perf_counter_ns() - started_ns
         self.measured_heads_ns += heads_ns
         self.accounts.charge(client, ref, heads_ns)
-        return InferResult(embedded, unique, outputs, heads_ns)
+        return HeadInference(embedded, unique, outputs, heads_ns)
 
     async def _stack(self, specs: Sequence[HeadSpec]) -> HeadStack:
         key = tuple(s.head_id for s in specs)
