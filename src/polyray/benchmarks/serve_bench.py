@@ -240,16 +240,16 @@ def _scrape(port: int) -> dict[str, dict[str, float]]:
             model = labels.split('"')[1] if '"' in labels else ""
             sums[(metric, model)] = sums.get((metric, model), 0.0) + float(value)
     out: dict[str, dict[str, float]] = {}
-    for base, label in (
-        ("polyray_batch_size", "mean batch size"),
-        ("polyray_batch_padding_fraction", "mean padding"),
-        ("polyray_batch_tokens", "mean batch tokens"),
-        ("polyray_queue_ms", "mean queue ms"),
-        ("polyray_inference_ms", "mean batch compute ms"),
+    for base, label, scale in (
+        ("polyray_batch_size", "mean batch size", 1.0),
+        ("polyray_batch_padding_fraction", "mean padding", 1.0),
+        ("polyray_batch_tokens", "mean batch tokens", 1.0),
+        ("polyray_queue_seconds", "mean queue ms", 1000.0),  # exported in seconds, reported in ms
+        ("polyray_inference_seconds", "mean batch compute ms", 1000.0),
     ):
         for (metric, model), count in sums.items():
             if metric == f"{base}_count" and count:
-                out.setdefault(model, {})[label] = sums[(f"{base}_sum", model)] / count
+                out.setdefault(model, {})[label] = scale * sums[(f"{base}_sum", model)] / count
     return out
 
 

@@ -15,7 +15,9 @@ from prometheus_client.registry import Collector
 
 from polyray.types import ModelRef, UsageRecord
 
-_MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+# Durations are exported in seconds, Prometheus's base unit, so rate()/histogram_quantile() read
+# them as any other exporter's: 0.5 ms to 30 s.
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -49,15 +51,19 @@ class Metrics:
             buckets=_FRACTION_BUCKETS,
             registry=r,
         )
-        self.queue_ms = Histogram(
-            "polyray_queue_ms",
-            "Time a text waited before its batch started",
+        self.queue_seconds = Histogram(
+            "polyray_queue_seconds",
+            "Time a text waited before its batch started, in seconds",
             ["model"],
-            buckets=_MS_BUCKETS,
+            buckets=_SECONDS_BUCKETS,
             registry=r,
         )
-        self.inference_ms = Histogram(
-            "polyray_inference_ms", "Forward-pass wall time per batch", ["model"], buckets=_MS_BUCKETS, registry=r
+        self.inference_seconds = Histogram(
+            "polyray_inference_seconds",
+            "Forward-pass wall time per batch, in seconds",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
         )
         self.dropped = Counter(
             "polyray_dropped_entries",
@@ -66,9 +72,9 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("polyray_tokens", "Real (unpadded) tokens computed", ["model"], registry=r)
-        self.client_compute_s = Counter(
+        self.client_compute_seconds = Counter(
             "polyray_client_compute_seconds",
-            "Compute-seconds charged to each client (batch shares plus tokenization)",
+            "Compute-seconds charged to each client (batch shares plus tokenization); exported as _seconds_total",
             ["client", "model"],
             registry=r,
         )
@@ -94,7 +100,7 @@ class Metrics:
         """Every usage record the engine charges (the ledger gets the same records)."""
         model = f"{rec.model}@{rec.version}"
         if rec.compute_ns:
-            self.client_compute_s.labels(rec.client, model).inc(rec.compute_ns / 1e9)
+            self.client_compute_seconds.labels(rec.client, model).inc(rec.compute_ns / 1e9)
         if rec.num_requests:
             self.client_requests.labels(rec.client, model).inc(rec.num_requests)
             self.client_tokens.labels(rec.client, model).inc(rec.num_tokens)
@@ -116,11 +122,11 @@ class Metrics:
         self.batch_size.labels(label).observe(num_entries)
         self.batch_tokens.labels(label).observe(cost_tokens)
         self.padding_fraction.labels(label).observe(1.0 - num_tokens / cost_tokens if cost_tokens else 0.0)
-        self.inference_ms.labels(label).observe(compute_ms)
+        self.inference_seconds.labels(label).observe(compute_ms / 1000.0)
         self.tokens.labels(label).inc(num_tokens)
-        hist = self.queue_ms.labels(label)
-        for waited in queue_ms:
-            hist.observe(waited)
+        hist = self.queue_seconds.labels(label)
+        for waited_ms in queue_ms:
+            hist.observe(waited_ms / 1000.0)
 
     def on_dropped(self, model: ModelRef, reason: str, num_entries: int) -> None:
         self.dropped.labels(str(model), reason).inc(num_entries)
