@@ -88,7 +88,10 @@ class Prices:
 
 
 @dataclass(frozen=True)
-class CurvePoint:
+class MissCurvePoint:
+    """One capacity on the cache's miss-ratio curve (named apart from ``policies.CurvePoint``, a
+    point of the model's batch-cost curve)."""
+
     capacity_bytes: int
     capacity_entries: int
     lru_miss_ratio: float  # long-run, from the SHARDS histogram (no TTL)
@@ -106,7 +109,7 @@ class CacheDecision:
     expected_saving_per_s: float  # versus no cache at all
     requests_per_s: float
     sample_rate: float
-    curve: tuple[CurvePoint, ...]
+    curve: tuple[MissCurvePoint, ...]
     reason: str
 
 
@@ -263,7 +266,7 @@ def plan(
             ratio = (1.0 - w) * ratios[policy][lo] + w * ratios[policy][hi]
         return min(1.0, replay_lru(c) * ratio)
 
-    curve: list[CurvePoint] = []
+    curve: list[MissCurvePoint] = []
     hits_by_capacity: list[dict[Policy, float]] = []
     best_so_far: dict[Policy, float] = {}
     for c in grid:
@@ -279,7 +282,7 @@ def plan(
             base = {_policy("always", DEFAULT_WINDOW_FRACTION): lru_hit_ratio(stats, c)}
         hits_by_capacity.append(base)
         curve.append(
-            CurvePoint(
+            MissCurvePoint(
                 c * entry_bytes,
                 c,
                 1.0 - lru_hit_ratio(stats, c),
