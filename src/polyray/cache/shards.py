@@ -268,8 +268,9 @@ _INTERVAL_UPPERS_S = np.array([interval_bucket_upper_s(b) for b in range(NUM_INT
 _INTERVAL_MIDS_S = np.array([interval_bucket_mid_s(b) for b in range(NUM_INTERVAL_BUCKETS)])
 
 
-def lru_hit_ratio(stats: SampleStats, capacity_entries: float, ttl_s: float | None = None) -> float:
-    """Long-run hit ratio of LRU with ``capacity_entries`` and a sliding TTL (None: no expiry)."""
+def estimate_lru_hit_ratio(stats: SampleStats, capacity_entries: float, ttl_s: float | None = None) -> float:
+    """Long-run hit ratio of LRU with ``capacity_entries`` and a sliding TTL (None: no expiry),
+    estimated from the sampled histogram (``sim.lru_hit_ratio`` is the exact replay it is checked against)."""
     total = stats.num_re_references + stats.cold
     if total <= 0:
         return 0.0
@@ -283,7 +284,7 @@ def lru_hit_ratio(stats: SampleStats, capacity_entries: float, ttl_s: float | No
 
 def miss_ratio_curve(stats: SampleStats, capacities_entries: list[float]) -> list[float]:
     """LRU miss ratio at each capacity (no TTL): non-increasing in capacity."""
-    return [1.0 - lru_hit_ratio(stats, c) for c in capacities_entries]
+    return [1.0 - estimate_lru_hit_ratio(stats, c) for c in capacities_entries]
 
 
 def mean_residency_s(stats: SampleStats, ttl_s: float | None) -> float:

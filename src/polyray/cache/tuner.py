@@ -37,8 +37,8 @@ from polyray.cache.local import DEFAULT_EXPECTED_ENTRY_BYTES, DEFAULT_WINDOW_FRA
 from polyray.cache.shards import (
     SampleStats,
     ShardsSampler,
+    estimate_lru_hit_ratio,
     interval_quantiles_s,
-    lru_hit_ratio,
     mean_residency_s,
     stack_distances,
 )
@@ -279,13 +279,13 @@ def plan(
                     # replay can score a small cache above a large one) with a running maximum.
                     best_so_far[policy] = base[policy] = max(estimate, best_so_far.get(policy, 0.0))
         if not base:
-            base = {_policy("always", DEFAULT_WINDOW_FRACTION): lru_hit_ratio(stats, c)}
+            base = {_policy("always", DEFAULT_WINDOW_FRACTION): estimate_lru_hit_ratio(stats, c)}
         hits_by_capacity.append(base)
         curve.append(
             MissCurvePoint(
                 c * entry_bytes,
                 c,
-                1.0 - lru_hit_ratio(stats, c),
+                1.0 - estimate_lru_hit_ratio(stats, c),
                 tuple(sorted((policy_label(p), h) for p, h in base.items())),
             )
         )
@@ -294,7 +294,7 @@ def plan(
     no_cache_cost = lam * prices.price_per_miss
     current = _policy(current_admission or "always", current_window_fraction)
     for c, base in zip(grid, hits_by_capacity, strict=True):
-        lru_inf = lru_hit_ratio(stats, c)
+        lru_inf = estimate_lru_hit_ratio(stats, c)
         # The policies in the running: the incumbent (or LRU), and any that beat it by the margin.
         incumbent = current if current in base else _policy("always", DEFAULT_WINDOW_FRACTION)
         if incumbent not in base:
@@ -303,7 +303,7 @@ def plan(
         options: list[tuple[float, float, Policy, float | None]] = []  # (cost, hit, policy, ttl)
         for policy in running:
             for ttl in ttl_options:
-                factor = lru_hit_ratio(stats, c, ttl) / lru_inf if (ttl is not None and lru_inf > 0) else 1.0
+                factor = estimate_lru_hit_ratio(stats, c, ttl) / lru_inf if (ttl is not None and lru_inf > 0) else 1.0
                 hit = min(1.0, base[policy] * factor) if c > 0 else 0.0
                 occupancy_bytes = min(float(c * entry_bytes), lam * mean_residency_s(stats, ttl) * entry_bytes)
                 cost = lam * (1.0 - hit) * prices.price_per_miss + prices.storage_price_per_byte_s * occupancy_bytes

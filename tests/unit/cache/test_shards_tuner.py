@@ -16,7 +16,7 @@ from polyray.cache.local import LocalCache
 from polyray.cache.shards import (
     ShardsSampler,
     dist_bucket,
-    lru_hit_ratio,
+    estimate_lru_hit_ratio,
     mean_residency_s,
     miss_ratio_curve,
     stack_distances,
@@ -56,7 +56,7 @@ def test_shards_at_rate_one_records_exact_lru_distances(keys: list[int]) -> None
     assert stats.cold == len(set(keys))
     # LRU simulated directly agrees with the curve at every whole capacity.
     for capacity in (1, 2, 4, 8):
-        assert lru_hit_ratio(stats, capacity) == pytest.approx(sim.lru_hit_ratio(keys, capacity), abs=1e-9)
+        assert estimate_lru_hit_ratio(stats, capacity) == pytest.approx(sim.lru_hit_ratio(keys, capacity), abs=1e-9)
 
 
 def test_compaction_keeps_distances_exact() -> None:
@@ -88,7 +88,7 @@ def test_fixed_size_sample_is_bounded_and_estimates_the_curve() -> None:
     assert stats.rate < 0.2
     assert stats.requests_per_s == pytest.approx(500.0, rel=0.2)
     for capacity in (500, 2000, 5000):
-        assert lru_hit_ratio(stats, capacity) == pytest.approx(sim.lru_hit_ratio(keys, capacity), abs=0.05)
+        assert estimate_lru_hit_ratio(stats, capacity) == pytest.approx(sim.lru_hit_ratio(keys, capacity), abs=0.05)
 
 
 @settings(max_examples=30, deadline=None)
@@ -110,8 +110,8 @@ def test_residency_under_a_ttl() -> None:
     # 99 re-references 1 s apart, one last reference that never recurs (held for the whole TTL).
     assert mean_residency_s(stats, 10.0) == pytest.approx((99 * 1.0 + 10.0) / 100, rel=0.1)
     assert mean_residency_s(stats, None) == float("inf")
-    assert lru_hit_ratio(stats, 10, ttl_s=0.5) == 0.0
-    assert lru_hit_ratio(stats, 10, ttl_s=2.0) == pytest.approx(0.99)
+    assert estimate_lru_hit_ratio(stats, 10, ttl_s=0.5) == 0.0
+    assert estimate_lru_hit_ratio(stats, 10, ttl_s=2.0) == pytest.approx(0.99)
 
 
 CHEAP_STORAGE = Prices(compute_price_per_s=1.2e-5, storage_price_per_gib_hour=0.005, compute_s_per_miss=0.01)
