@@ -110,8 +110,11 @@ def check_dimensions(dimensions: int | None, model_dim: int) -> None:
         )
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
-    """float: a JSON list; base64: little-endian float32 bytes, as OpenAI's SDK decodes them."""
+def format_embedding(vector: np.ndarray, encoding_format: str) -> Any:
+    """float: a JSON list; base64: little-endian float32 bytes, as OpenAI's SDK decodes them.
+
+    The wire form of an answer (``cache.codec.encode_vector`` is the cache's storage form).
+    """
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
     return vector.tolist()

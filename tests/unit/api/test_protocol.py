@@ -16,7 +16,7 @@ from polyray.api.heads_protocol import CreateHead, InferRequest, ShareHead, pars
 from polyray.api.protocol import (
     check_body_size,
     check_dimensions,
-    encode_vector,
+    format_embedding,
     has_text,
     parse_embeddings_request,
     texts_from_input,
@@ -213,7 +213,7 @@ def test_head_bodies_are_strict() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.dtype(">f4")])
 def test_base64_round_trip(dtype: Any) -> None:
     vector = np.random.default_rng(0).standard_normal(384).astype(dtype)
-    encoded = encode_vector(vector, "base64")
+    encoded = format_embedding(vector, "base64")
     assert isinstance(encoded, str)
     decoded = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
     assert decoded.shape == (384,)
@@ -221,11 +221,11 @@ def test_base64_round_trip(dtype: Any) -> None:
 
 
 def test_base64_is_little_endian_float32_bytes() -> None:
-    assert encode_vector(np.array([1.0], dtype=np.float32), "base64") == base64.b64encode(b"\x00\x00\x80\x3f").decode()
+    assert format_embedding(np.array([1.0], dtype=np.float32), "base64") == base64.b64encode(b"\x00\x00\x80\x3f").decode()
 
 
 def test_float_encoding_is_a_json_list() -> None:
     vector = np.array([0.5, -1.25, 3.0], dtype=np.float32)
-    encoded = encode_vector(vector, "float")
+    encoded = format_embedding(vector, "float")
     assert encoded == [0.5, -1.25, 3.0]
     assert all(type(x) is float for x in encoded)

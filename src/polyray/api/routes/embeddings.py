@@ -13,7 +13,7 @@ from polyray.api.auth import client_name
 from polyray.api.body import CLIENT_CLOSED_REQUEST, read_json
 from polyray.api.errors import polyray_error_response
 from polyray.api.openapi import EmbeddingsResponse, body, errors, ok
-from polyray.api.protocol import EmbeddingsRequest, check_dimensions, encode_vector, parse_embeddings_request
+from polyray.api.protocol import EmbeddingsRequest, check_dimensions, format_embedding, parse_embeddings_request
 from polyray.api.state import AppState
 from polyray.errors import PolyrayError
 from polyray.types import EmbedRequest, EmbedResult
@@ -74,7 +74,7 @@ def embeddings_response(result: EmbedResult, encoding_format: str) -> Response:
     body: dict[str, Any] = {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": i, "embedding": encode_vector(vec, encoding_format)}
+            {"object": "embedding", "index": i, "embedding": format_embedding(vec, encoding_format)}
             for i, vec in enumerate(result.vectors)
         ],
         "model": str(result.model),

@@ -17,7 +17,7 @@ from polyray.api.auth import client_name
 from polyray.api.body import read_json
 from polyray.api.heads_protocol import CreateHead, InferRequest, RetrainHead, ShareHead, head_view, parse
 from polyray.api.openapi import HeadDeleted, HeadList, HeadView, InferResponse, body, errors, ok
-from polyray.api.protocol import encode_vector, texts_from_input
+from polyray.api.protocol import format_embedding, texts_from_input
 from polyray.api.state import AppState
 from polyray.errors import Forbidden
 from polyray.heads.service import HeadService
@@ -128,7 +128,7 @@ async def infer(request: Request) -> Response:
     for i, row in enumerate(result.outputs):
         item: dict[str, Any] = {"index": i, "heads": dict(zip(result.names, row, strict=True))}
         if body.return_embedding:
-            item["embedding"] = encode_vector(embedded.vectors[i], "float")
+            item["embedding"] = format_embedding(embedded.vectors[i], "float")
         data.append(item)
     out: dict[str, Any] = {
         "object": "list",
