@@ -150,3 +150,29 @@ def status_of(response: bytes) -> int:
     if not response.startswith(b"HTTP/1.1 "):
         return 0
     return int(response.split(b" ", 2)[1])
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def await_continue(sock: socket.socket, within_s: float) -> None:
+    """Wait for the ``100 Continue`` that a request sent with ``Expect: 100-continue`` gets.
+
+    uvicorn writes it when the app first reads the body, so once it arrives the head has been
+    parsed and the request is the app's: an event to wait for, where a fixed sleep would race the
+    server on a loaded machine. Reads exactly the interim response, so what follows on the socket
+    is the final one.
+    """
+    data = b""
+    deadline = time.monotonic() + within_s
+    while len(data) < len(CONTINUE):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no 100 Continue within {within_s} s (got {data!r})"
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(len(CONTINUE) - len(data))
+        except TimeoutError:
+            continue  # the deadline check above fails with what arrived
+        assert chunk, f"closed before 100 Continue (got {data!r})"
+        data += chunk
+    assert data == CONTINUE, data

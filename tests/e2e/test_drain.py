@@ -17,6 +17,7 @@ from serve_process import (
     DUMMY_MODEL,
     EXIT_TIMEOUT_S,
     ServeProcess,
+    await_continue,
     connect,
     get,
     no_auth,
@@ -37,10 +38,10 @@ def start_request_in_flight(server: ServeProcess) -> tuple[socket.socket, bytes]
     sock = connect(server.port)
     sock.sendall(
         b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
         + body[:10]
     )
-    time.sleep(0.2)  # the head is parsed: the request is the app's now
+    await_continue(sock, within_s=30)  # the head is parsed and the app reads the body: in flight
     return sock, body[10:]
 
 

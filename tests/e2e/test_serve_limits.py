@@ -21,6 +21,7 @@ import pytest
 from serve_process import (
     DUMMY_MODEL,
     ServeProcess,
+    await_continue,
     connect,
     get,
     no_auth,
@@ -179,9 +180,12 @@ def test_when_every_connection_carries_a_request_a_new_one_gets_503_at_once(serv
     try:
         for _ in range(MAX_CONNECTIONS):
             sock = connect(server.port)
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n{"
+            )
             busy.append(sock)
-        time.sleep(0.2)  # every head parsed: all in their body phase
+        for sock in busy:  # every head parsed and its body being read: none displaceable
+            await_continue(sock, CLOSE_WITHIN_S)
         with connect(server.port) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             answer, closed = read_until_closed(sock, CLOSE_WITHIN_S)
