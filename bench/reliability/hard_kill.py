@@ -56,11 +56,11 @@ def kill_round(tmp: Path, journal: bool, args: argparse.Namespace) -> tuple[Rece
     again = ServeProcess(home, sqlite_url(home), flush_interval_s=1.0, journal=journal)
     again.start()
     again.terminate()
-    engine = open_database(sqlite_url(home))
+    db = open_database(sqlite_url(home))
     try:
-        return told, usage_sums(engine)
+        return told, usage_sums(db)
     finally:
-        engine.dispose()
+        db.dispose()
 
 
 def cost_phase(server: ServeProcess, args: argparse.Namespace) -> tuple[float, float]:
@@ -79,11 +79,11 @@ def cost_phase(server: ServeProcess, args: argparse.Namespace) -> tuple[float, f
 
 
 def record_cost_us(journal_dir: Path | None, num_records: int) -> float:
-    engine = open_database("sqlite:///:memory:")
+    db = open_database("sqlite:///:memory:")
     journal = UsageJournal(journal_dir) if journal_dir is not None else None
     if journal is not None:
         journal.open()
-    ledger = UsageLedger(engine, Path("unused-spool.jsonl"), journal=journal)  # record() never touches the spool
+    ledger = UsageLedger(db, Path("unused-spool.jsonl"), journal=journal)  # record() never touches the spool
     recs = [UsageRecord(f"client{i % 7}", "minilm", "1", 1.767e9 + i * 0.001, 1, 2, 0, 30, 123456) for i in range(1000)]
     began = time.perf_counter()
     for i in range(num_records):
@@ -96,7 +96,7 @@ def record_cost_us(journal_dir: Path | None, num_records: int) -> float:
     if journal is not None:
         journal.discard(journal.rotate()[1])
         journal.close()
-    engine.dispose()
+    db.dispose()
     return took_s / num_records * 1e6
 
 

@@ -72,10 +72,10 @@ def row_of(stdout: str, name: str) -> list[str]:
 
 
 def directory_of(url: str) -> ClientDirectory:
-    engine = open_database(url)
-    directory = ClientDirectory(ClientStore(engine))
+    db = open_database(url)
+    directory = ClientDirectory(ClientStore(db))
     directory.load()
-    engine.dispose()
+    db.dispose()
     return directory
 
 
@@ -182,10 +182,10 @@ def test_clients_errors_exit_non_zero_with_one_clear_line(tmp_path: Path) -> Non
 
 def test_usage_report(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/usage.db"
-    engine = open_database(url)
+    db = open_database(url)
     minute = int(datetime(2026, 1, 5, 10, 30, tzinfo=UTC).timestamp())
     apply_batch(
-        engine,
+        db,
         UsageBatch(
             "filled",
             (
@@ -196,7 +196,7 @@ def test_usage_report(tmp_path: Path) -> None:
             ),
         ),
     )
-    engine.dispose()
+    db.dispose()
     window = ("--database-url", url, "--since", "2026-01-05", "--until", "2026-01-06")
     by_client, by_model, only_beta = run_all(
         tmp_path,
@@ -316,10 +316,10 @@ def test_serve_bootstraps_keys_once_and_keeps_them(tmp_path: Path) -> None:
 def test_usage_report_takes_relative_times_as_the_readme_writes_them(tmp_path: Path) -> None:
     """``--since -7d`` (a value starting with "-", which argparse alone reads as an option)."""
     url = f"sqlite:///{tmp_path}/usage.db"
-    engine = open_database(url)
+    db = open_database(url)
     now_minute = int(time.time()) // 60 * 60
     apply_batch(
-        engine,
+        db,
         UsageBatch(
             "recent",
             (
@@ -328,7 +328,7 @@ def test_usage_report_takes_relative_times_as_the_readme_writes_them(tmp_path: P
             ),
         ),
     )
-    engine.dispose()
+    db.dispose()
     week, fortnight_until_week, help_text = run_all(
         tmp_path,
         ("usage", "report", "--database-url", url, "--since", "-7d", "--by", "client"),
