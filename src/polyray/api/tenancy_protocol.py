@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polyray.errors import InvalidRequest
-from polyray.tenancy.model import NAME_PATTERN, Client, PriorityClass, Quota
+from polyray.tenancy.model import NAME_PATTERN, ClientRecord, PriorityClass, Quota
 from polyray.tenancy.reports import UsageTotal
 from polyray.tenancy.store import KeyInfo
 
@@ -66,7 +66,7 @@ def parse_body(model: type[BaseModel], payload: Any) -> Any:
         raise InvalidRequest(f"{where or 'body'}: {first['msg']}", param=where) from None
 
 
-def client_view(client: Client, keys: list[KeyInfo] | None = None) -> dict[str, Any]:
+def client_view(client: ClientRecord, keys: list[KeyInfo] | None = None) -> dict[str, Any]:
     view: dict[str, Any] = {
         "name": client.name,
         "priority": client.priority.value,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from polyray.cli.database import database_options, open_db
 from polyray.errors import InvalidRequest
-from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.model import ClientRecord, PriorityClass, Quota
 from polyray.tenancy.store import ClientStore
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def _fmt(value: float | int | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def _print_clients(clients: list[Client]) -> None:
+def _print_clients(clients: list[ClientRecord]) -> None:
     header = (
         f"{'name':<24} {'priority':<12} {'share':>6} {'req/s':>8} {'tok/s':>9} {'conc':>5} {'cpu-s/day':>10}  state"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from polyray.tenancy.model import Client
+from polyray.tenancy.model import ClientRecord
 from polyray.tenancy.quotas import QuotaTracker
 from polyray.types import ModelRef, UsageRecord
 
@@ -21,7 +21,7 @@ UsageSink = Callable[[UsageRecord], None]
 class Accounts:
     def __init__(
         self,
-        lookup: Callable[[str], Client | None] | None = None,
+        lookup: Callable[[str], ClientRecord | None] | None = None,
         sink: UsageSink | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -29,10 +29,10 @@ class Accounts:
         self.sink = sink
         self.wall_clock = wall_clock
         self.quotas = QuotaTracker()
-        self._anonymous: dict[str, Client] = {}
+        self._anonymous: dict[str, ClientRecord] = {}
         self.charged_compute_ns = 0
 
-    def client(self, name: str | None) -> Client:
+    def client(self, name: str | None) -> ClientRecord:
         """The client record; a caller the directory does not know (auth off) is a default client."""
         name = name or ANONYMOUS
         found = self._lookup(name) if self._lookup is not None else None
@@ -40,7 +40,7 @@ class Accounts:
             return found
         client = self._anonymous.get(name)
         if client is None:
-            client = self._anonymous[name] = Client(id=0, name=name)
+            client = self._anonymous[name] = ClientRecord(id=0, name=name)
         return client
 
     def charge(self, client: str, ref: ModelRef, compute_ns: int) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from polyray.db.connection import DEFAULT_DB_TIMEOUT_S, call_with_deadline
 from polyray.errors import Forbidden, Unauthenticated
 from polyray.tenancy.keys import ADMIN_ROLE, hash_key
-from polyray.tenancy.model import Client
+from polyray.tenancy.model import ClientRecord
 from polyray.tenancy.store import ClientStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Principal:
     """Who is calling: an admin (``client`` None) or a client."""
 
     role: str
-    client: Client | None
+    client: ClientRecord | None
 
     @property
     def is_admin(self) -> bool:
@@ -82,7 +82,7 @@ class ClientDirectory:
                 log.warning("client directory: refresh works again (%d failed meanwhile)", self.num_refresh_failures)
                 self.healthy = True
 
-    def client(self, name: str) -> Client | None:
+    def client(self, name: str) -> ClientRecord | None:
         return self._snapshot.clients.get(name)
 
     def authenticate(self, key: str | None) -> Principal:

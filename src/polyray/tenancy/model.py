@@ -1,7 +1,8 @@
 """What the service knows of a client: identity, priority class, share and quotas.
 
-A ``Client`` is an immutable snapshot read from the database; the directory swaps snapshots in
-when an operator changes a client, so request handlers never see a half-updated client.
+A ``ClientRecord`` is an immutable snapshot read from the database; the directory swaps snapshots in
+when an operator changes a client, so request handlers never see a half-updated client. (Named
+apart from ``polyray.Client``, the SDK a caller talks to the server with.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Quota:
 
 
 @dataclass(frozen=True)
-class Client:
+class ClientRecord:
     id: int
     name: str
     priority: PriorityClass = PriorityClass.BATCH

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from polyray.errors import RateLimited
-from polyray.tenancy.model import Client
+from polyray.tenancy.model import ClientRecord
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -67,7 +67,7 @@ def bucket_for(rate_per_s: float | None) -> TokenBucket | None:
 
 @dataclass
 class ClientState:
-    client: Client
+    client: ClientRecord
     requests: TokenBucket | None
     tokens: TokenBucket | None
     num_in_flight: int = 0
@@ -88,7 +88,7 @@ class QuotaTracker:
         self._states: dict[str, ClientState] = {}
         self._seeds: dict[str, tuple[int, float]] = {}  # (UTC day, compute_s) read from the ledger
 
-    def _state(self, client: Client) -> ClientState:
+    def _state(self, client: ClientRecord) -> ClientState:
         state = self._states.get(client.name)
         if state is None or state.client != client:
             # New client or changed quota: rebuild the buckets, keep what was used.
@@ -106,7 +106,7 @@ class QuotaTracker:
         """Start the daily budget from what the ledger already holds for today (after a restart)."""
         self._seeds[client_name] = (int(now_wall_s // SECONDS_PER_DAY), compute_s)
 
-    def admit(self, client: Client, now_s: float, now_wall_s: float) -> Ticket:
+    def admit(self, client: ClientRecord, now_s: float, now_wall_s: float) -> Ticket:
         """Check concurrency, requests/s and the daily compute budget; raise ``RateLimited``."""
         state = self._state(client)
         quota = client.quota
@@ -139,7 +139,7 @@ class QuotaTracker:
         state.num_in_flight += 1
         return Ticket(client.name)
 
-    def charge_tokens(self, ticket: Ticket, client: Client, num_tokens: int, now_s: float) -> None:
+    def charge_tokens(self, ticket: Ticket, client: ClientRecord, num_tokens: int, now_s: float) -> None:
         """Take ``num_tokens`` from the tokens/s bucket (counted once tokenized); raise ``RateLimited``."""
         state = self._state(client)
         if state.tokens is None:

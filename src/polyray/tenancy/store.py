@@ -16,7 +16,7 @@ from polyray.db.connection import Database
 from polyray.db.schema import api_keys, clients
 from polyray.errors import InvalidRequest, NotFound
 from polyray.tenancy.keys import ADMIN_ROLE, CLIENT_ROLE, generate_key, hash_key
-from polyray.tenancy.model import Client, PriorityClass, Quota, check_name
+from polyray.tenancy.model import ClientRecord, PriorityClass, Quota, check_name
 
 _QUOTA_FIELDS = ("requests_per_s", "tokens_per_s", "max_concurrent", "daily_compute_s")
 
@@ -34,7 +34,7 @@ class KeyInfo:
 class Snapshot:
     """Everything auth needs, read in one transaction: key digest → (role, client name)."""
 
-    clients: dict[str, Client]
+    clients: dict[str, ClientRecord]
     keys: dict[str, tuple[str, str | None]]
 
 
@@ -42,8 +42,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _client(row: sa.Row) -> Client:  # type: ignore[type-arg]
-    return Client(
+def _client(row: sa.Row) -> ClientRecord:  # type: ignore[type-arg]
+    return ClientRecord(
         id=row.id,
         name=row.name,
         priority=PriorityClass(row.priority),
@@ -60,7 +60,7 @@ class ClientStore:
     # -- clients -------------------------------------------------------------------------
     def create_client(
         self, name: str, priority: PriorityClass = PriorityClass.BATCH, share: float = 1.0, quota: Quota | None = None
-    ) -> tuple[Client, str]:
+    ) -> tuple[ClientRecord, str]:
         """Create a client and its first key; returns (client, key). The key is not stored."""
         try:
             check_name(name)
@@ -85,16 +85,16 @@ class ClientStore:
                 )
             ).inserted_primary_key[0]  # type: ignore[index]
             key = self._add_key(conn, CLIENT_ROLE, client_id)
-        return Client(client_id, name, priority, share, quota), key
+        return ClientRecord(client_id, name, priority, share, quota), key
 
-    def get(self, name: str) -> Client:
+    def get(self, name: str) -> ClientRecord:
         with self.db.connect() as conn:
             row = conn.execute(sa.select(clients).where(clients.c.name == name)).first()
         if row is None:
             raise NotFound(f"no client named {name!r}", param="name", code="client_not_found")
         return _client(row)
 
-    def all(self) -> list[Client]:
+    def all(self) -> list[ClientRecord]:
         with self.db.connect() as conn:
             return [_client(r) for r in conn.execute(sa.select(clients).order_by(clients.c.name))]
 
@@ -106,7 +106,7 @@ class ClientStore:
         priority: PriorityClass | None = None,
         share: float | None = None,
         disabled: bool | None = None,
-    ) -> Client:
+    ) -> ClientRecord:
         client = self.get(name)
         if share is not None and share <= 0:
             raise InvalidRequest(f"share must be > 0, got {share}", param="share")

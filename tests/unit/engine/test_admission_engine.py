@@ -26,7 +26,7 @@ from polyray.engine.tokenize import INLINE_TOKENIZE_MAX_CHARS
 from polyray.errors import Overloaded, RateLimited
 from polyray.policies import AdmissionPolicy, BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
-from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.model import ClientRecord, PriorityClass, Quota
 from polyray.types import EmbedRequest, EmbedResult, ModelRef
 
 MS_PER_TOKEN = 1.0
@@ -55,8 +55,8 @@ class DepthObserver:
         pass
 
 
-def client(name: str, priority: PriorityClass = PriorityClass.BATCH) -> Client:
-    return Client(id=hash(name) % 10_000, name=name, priority=priority, share=1.0, quota=Quota())
+def client(name: str, priority: PriorityClass = PriorityClass.BATCH) -> ClientRecord:
+    return ClientRecord(id=hash(name) % 10_000, name=name, priority=priority, share=1.0, quota=Quota())
 
 
 def pinned(overhead_s: float = 0.0, s_per_token: float = MS_PER_TOKEN / 1000) -> ServiceCost:

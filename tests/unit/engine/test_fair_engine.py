@@ -24,7 +24,7 @@ from polyray.errors import BackendError, Overloaded, RateLimited
 from polyray.policies import BatchPolicy, FairnessPolicy
 from polyray.tenancy.accounts import Accounts
 from polyray.tenancy.ledger import UsageRecord
-from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.model import ClientRecord, PriorityClass, Quota
 from polyray.types import EmbedRequest, EmbedResult
 
 
@@ -39,7 +39,7 @@ class ManualClock:
 class Tenants:
     """A directory of clients and the usage the engine charged them."""
 
-    def __init__(self, *clients: Client, wall_clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, *clients: ClientRecord, wall_clock: Callable[[], float] | None = None) -> None:
         self.clients = {c.name: c for c in clients}
         self.records: list[UsageRecord] = []
         kwargs = {"wall_clock": wall_clock} if wall_clock else {}
@@ -52,8 +52,8 @@ class Tenants:
         return sum(r.num_requests for r in self.records if r.client == client)
 
 
-def make_client(name: str, priority: PriorityClass = PriorityClass.BATCH, share: float = 1.0, **quota: Any) -> Client:
-    return Client(id=hash(name) % 10_000, name=name, priority=priority, share=share, quota=Quota(**quota))
+def make_client(name: str, priority: PriorityClass = PriorityClass.BATCH, share: float = 1.0, **quota: Any) -> ClientRecord:
+    return ClientRecord(id=hash(name) % 10_000, name=name, priority=priority, share=share, quota=Quota(**quota))
 
 
 EngineFactory = Callable[..., Awaitable[Engine]]

@@ -8,15 +8,15 @@ from dataclasses import replace
 import pytest
 
 from polyray.errors import RateLimited
-from polyray.tenancy.model import Client, PriorityClass, Quota
+from polyray.tenancy.model import ClientRecord, PriorityClass, Quota
 from polyray.tenancy.quotas import SECONDS_PER_DAY, QuotaTracker, TokenBucket, bucket_for
 
 DAY = 20_000  # an arbitrary UTC day number
 NOON = DAY * SECONDS_PER_DAY + 12 * 3600.0
 
 
-def client(name: str = "team", **quota: float | int | None) -> Client:
-    return Client(id=1, name=name, priority=PriorityClass.BATCH, quota=Quota(**quota))  # type: ignore[arg-type]
+def client(name: str = "team", **quota: float | int | None) -> ClientRecord:
+    return ClientRecord(id=1, name=name, priority=PriorityClass.BATCH, quota=Quota(**quota))  # type: ignore[arg-type]
 
 
 # -- TokenBucket -------------------------------------------------------------------------------
