@@ -221,7 +221,9 @@ def test_base64_round_trip(dtype: Any) -> None:
 
 
 def test_base64_is_little_endian_float32_bytes() -> None:
-    assert format_embedding(np.array([1.0], dtype=np.float32), "base64") == base64.b64encode(b"\x00\x00\x80\x3f").decode()
+    assert (
+        format_embedding(np.array([1.0], dtype=np.float32), "base64") == base64.b64encode(b"\x00\x00\x80\x3f").decode()
+    )
 
 
 def test_float_encoding_is_a_json_list() -> None:

@@ -52,7 +52,9 @@ class Tenants:
         return sum(r.num_requests for r in self.records if r.client == client)
 
 
-def make_client(name: str, priority: PriorityClass = PriorityClass.BATCH, share: float = 1.0, **quota: Any) -> ClientRecord:
+def make_client(
+    name: str, priority: PriorityClass = PriorityClass.BATCH, share: float = 1.0, **quota: Any
+) -> ClientRecord:
     return ClientRecord(id=hash(name) % 10_000, name=name, priority=priority, share=share, quota=Quota(**quota))
 
 
