@@ -119,7 +119,7 @@ class Pool:
             conn = self._idle.pop() if reused else await asyncio.open_connection("127.0.0.1", self.port)
             try:
                 conn[1].write(request)
-                status, _ = await _read_response(conn[0])
+                status, _, _ = await _read_response(conn[0])
             except (ConnectionError, asyncio.IncompleteReadError):
                 conn[1].close()
                 if reused:

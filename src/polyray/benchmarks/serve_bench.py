@@ -81,6 +81,7 @@ class Side:
     p99_ms: list[float] = field(default_factory=list)
     min_cosine: float = 1.0
     num_failed: int = 0
+    num_retries: int = 0  # admission refusals waited out (Retry-After-Ms) and sent again
 
 
 @dataclass
@@ -178,7 +179,8 @@ class BenchReport:
         for label in labels:
             side = self.sides[label]
             lines.append(
-                f"{label}: failed requests {side.num_failed}; min cosine to sentence-transformers {side.min_cosine:.6f}"
+                f"{label}: failed requests {side.num_failed}, refusals retried {side.num_retries}; "
+                f"min cosine to sentence-transformers {side.min_cosine:.6f}"
             )
         if self.single_p50_ms:
             lines.append(
@@ -350,6 +352,7 @@ def run_bench(opts: BenchOptions) -> BenchReport:
                 side.p50_ms.append(percentile(result.latencies_s, 50) * 1000)
                 side.p99_ms.append(percentile(result.latencies_s, 99) * 1000)
                 side.num_failed += len(corpus) - result.num_ok
+                side.num_retries += result.num_retries
                 side.min_cosine = min(side.min_cosine, _min_cosine(result, reference))
         report.server_metrics = _scrape(port)
         report.single_p50_ms = _single_latency(model, port, opts)
