@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from polyray.benchmarks.server import free_port
@@ -33,3 +35,15 @@ def serve_in_thread(server: Server, start_timeout_s: float = 120.0) -> Iterator[
     finally:
         http.should_exit = True
         thread.join(timeout=30)
+
+
+async def post_as_an_sdk_would(client: httpx.AsyncClient, body: dict[str, object]) -> httpx.Response:
+    """POST, and on an admission refusal (429/503) wait its Retry-After-Ms and send again, as
+    OpenAI's SDK does: a burst larger than the queue's bound is partly refused at once by design
+    (README, *Overload*), and every request must still end in a correct answer."""
+    for _ in range(50):
+        response = await client.post("/v1/embeddings", json=body)
+        if response.status_code not in (429, 503):
+            return response
+        await asyncio.sleep(int(response.headers["Retry-After-Ms"]) / 1000)
+    return response

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from server_support import serve_in_thread
+from server_support import post_as_an_sdk_would, serve_in_thread
 
 from polyray.backends.calibrate import row_cosines
 from polyray.backends.torch import TorchBackend
@@ -32,18 +32,6 @@ TEXTS = [
     "Ünïcödé façade — naïve café, 東京, Привет мир.",
     "word " * 400,
 ]
-
-
-async def post_as_an_sdk_would(client: httpx.AsyncClient, body: dict[str, object]) -> httpx.Response:
-    """POST, and on an admission refusal (429/503) wait its Retry-After-Ms and send again, as
-    OpenAI's SDK does: a burst larger than the queue's bound is partly refused at once by design
-    (README, *Overload*), and every request must still end in a correct answer."""
-    for _ in range(50):
-        response = await client.post("/v1/embeddings", json=body)
-        if response.status_code not in (429, 503):
-            return response
-        await asyncio.sleep(int(response.headers["Retry-After-Ms"]) / 1000)
-    return response
 
 
 @pytest.fixture(scope="module")
