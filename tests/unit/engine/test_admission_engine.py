@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -134,6 +135,8 @@ POLICY = AdmissionPolicy(
     max_client_queue_fraction=1.0,
     own_work_allowance=0.0,
 )
+# The same with a client's share of the bound at half: the fair-share 429 tests.
+HALF_SHARE = replace(POLICY, max_client_queue_fraction=0.5)
 
 
 async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with_a_derived_retry_after(
@@ -167,14 +170,7 @@ async def test_a_request_expected_to_wait_past_its_bound_is_refused_at_once_with
 
 
 async def test_a_client_over_its_share_in_time_gets_429_while_another_is_admitted(make: Factory) -> None:
-    engine, backend, _ = await make(
-        AdmissionPolicy(
-            interactive_max_queue_ms=BOUND_MS,
-            batch_max_queue_ms=BOUND_MS,
-            max_client_queue_fraction=0.5,
-            own_work_allowance=0.0,
-        )
-    )
+    engine, backend, _ = await make(HALF_SHARE)
     blocker = await occupy_worker(engine, backend)
     b = embed(engine, "b", texts("b", 1, 10))  # another client waits too: a must leave it room
     await queued(engine, b, 1)
@@ -193,14 +189,7 @@ async def test_a_client_over_its_share_in_time_gets_429_while_another_is_admitte
 
 async def test_a_client_alone_in_the_queue_is_bounded_by_the_queue_not_by_a_share(make: Factory) -> None:
     """With nobody else waiting, a burst from one client is admitted up to the class bound."""
-    engine, backend, _ = await make(
-        AdmissionPolicy(
-            interactive_max_queue_ms=BOUND_MS,
-            batch_max_queue_ms=BOUND_MS,
-            max_client_queue_fraction=0.5,
-            own_work_allowance=0.0,
-        )
-    )
+    engine, backend, _ = await make(HALF_SHARE)
     blocker = await occupy_worker(engine, backend)
     a = embed(engine, "a", texts("a", 4, 10))
     await queued(engine, a, 4)
