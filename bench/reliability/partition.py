@@ -94,6 +94,20 @@ def scenario_recovery(args: argparse.Namespace, fwd: Forwarder, url: str, direct
     print("   " + compare("usage", usage_sums(direct), told))
 
 
+def restart_and_replay(
+    args: argparse.Namespace, fwd: Forwarder, url: str, direct: sa.Engine, home: Path, num_told: int
+) -> tuple[int, float | None]:
+    """After the server died in the partition: (requests the ledger held then, seconds after the
+    restart, with the database back, until every told request is in it; None if never)."""
+    in_db = usage_sums(direct).num_requests
+    fwd.heal()
+    again = ServeProcess(home, url, args.db_timeout_s)
+    again.start()
+    replay_s = wait_until(lambda: usage_sums(direct).num_requests >= num_told, 120)
+    again.terminate()
+    return in_db, replay_s
+
+
 def scenario_sigterm(args: argparse.Namespace, fwd: Forwarder, url: str, direct: sa.Engine, home: Path) -> None:
     server = ServeProcess(home, url, args.db_timeout_s, flush_interval_s=1.0)
     server.start()
@@ -108,12 +122,7 @@ def scenario_sigterm(args: argparse.Namespace, fwd: Forwarder, url: str, direct:
     finally:
         load.stop()
         server.kill()
-    in_db = usage_sums(direct).num_requests
-    fwd.heal()
-    again = ServeProcess(home, url, args.db_timeout_s)
-    again.start()
-    replay_s = wait_until(lambda: usage_sums(direct).num_requests >= told.num_requests, 120)
-    again.terminate()
+    in_db, replay_s = restart_and_replay(args, fwd, url, direct, home, told.num_requests)
     print("2. SIGTERM in the partition, restart with the database back")
     print(f"   SIGTERM: exit {code} in {exit_s:.1f} s; the ledger had {in_db} of {told.num_requests} requests")
     print(f"   after the restart: replayed {replay_s or float('nan'):.1f} s after ready")
@@ -137,12 +146,7 @@ def scenario_sigkill(args: argparse.Namespace, fwd: Forwarder, url: str, direct:
     finally:
         load.stop()
         server.kill()
-    in_db = usage_sums(direct).num_requests
-    fwd.heal()
-    again = ServeProcess(home, url, args.db_timeout_s)
-    again.start()
-    replay_s = wait_until(lambda: usage_sums(direct).num_requests >= told.num_requests, 120)
-    again.terminate()
+    in_db, replay_s = restart_and_replay(args, fwd, url, direct, home, told.num_requests)
     print("3. SIGKILL in the partition (journal on), restart with the database back")
     print(
         f"   the ledger had {in_db} of {told.num_requests} requests at the kill; replayed {replay_s or float('nan'):.1f} s after ready"
